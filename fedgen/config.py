@@ -1,0 +1,322 @@
+"""One typed, validated schema for every fedgen setting.
+
+YAML files, `--set key.sub=value` overrides and the config a server ships to its clients
+all pass through `load_config` / `config_from_dict`, so a setting has one definition, one
+default and one check. Errors name the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+__all__ = [
+    "ConfigError",
+    "FedgenConfig",
+    "load_config",
+    "config_from_dict",
+    "apply_overrides",
+    "config_reference_markdown",
+]
+
+
+class ConfigError(ValueError):
+    """A setting is missing, unknown, of the wrong type or out of range."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors (typos must not silently fall back to defaults);
+    # assignment is validated so code cannot put a config into an invalid state.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(_Section):
+    name: str = Field("run", min_length=1, description="Run name; prefix of the run directory.")
+    out_dir: str = Field(
+        "runs", description="Parent folder of run directories (the CLI's --out picks one exactly)."
+    )
+    sample_every: int = Field(
+        1, ge=1, description="Save a grid of generated samples every this many rounds."
+    )
+    samples_per_class: int = Field(8, ge=1, le=32, description="Columns of the sample grid.")
+
+
+class DataConfig(_Section):
+    dataset: Literal["glyphs", "mnist"] = Field(
+        "glyphs",
+        description="`glyphs`: built-in procedurally drawn shapes (no download); "
+        "`mnist`: MNIST in IDX format.",
+    )
+    root: str | None = Field(
+        None,
+        description="Folder with the MNIST IDX files (gzip or raw). Unset: $FEDGEN_DATA_DIR, "
+        "else ~/.cache/fedgen/mnist.",
+    )
+    download: bool = Field(True, description="Download MNIST (checksum-verified) when absent.")
+    num_examples: int | None = Field(
+        None, ge=1, description="Use only the first N training examples (quick runs, tests)."
+    )
+    glyphs_per_class: int = Field(
+        400, ge=10, le=100_000, description="Training images per class of the built-in dataset."
+    )
+
+
+class FederationConfig(_Section):
+    num_clients: int = Field(4, ge=1, le=10_000, description="Simulated clients (SuperNodes).")
+    rounds: int = Field(5, ge=1, le=100_000, description="Federated rounds.")
+    fraction_train: float = Field(
+        1.0, gt=0.0, le=1.0, description="Fraction of clients sampled for each round."
+    )
+    min_train_clients: int = Field(
+        2, ge=1, description="Fewest clients trained per round (and needed online)."
+    )
+    partition: Literal["iid", "dirichlet", "shards"] = Field(
+        "iid", description="How simulated clients split the training data."
+    )
+    dirichlet_alpha: float = Field(
+        0.5, gt=0.0, description="Label skew of `dirichlet` (smaller: more skewed)."
+    )
+    shards_per_client: int = Field(2, ge=1, description="Label-sorted shards per client (`shards`).")
+    strategy: Literal["fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg"] = Field(
+        "fedavg", description="Server strategy from flwr.serverapp.strategy."
+    )
+    proximal_mu: float = Field(0.01, ge=0.0, description="FedProx proximal term weight.")
+    server_lr: float = Field(0.01, gt=0.0, description="FedAdam server learning rate (eta).")
+    server_tau: float = Field(1e-3, gt=0.0, description="FedAdam adaptivity (tau).")
+    trimmed_beta: float = Field(
+        0.2, gt=0.0, lt=0.5, description="FedTrimmedAvg fraction cut from each end."
+    )
+    client_cpus: float = Field(1.0, gt=0.0, description="CPU cores reserved per simulated client.")
+    client_gpus: float = Field(
+        0.0, ge=0.0, le=1.0, description="GPU share per simulated client (0.25: four share one)."
+    )
+    round_timeout: float = Field(
+        3600.0, gt=0.0, description="Seconds the server waits for replies in a round."
+    )
+
+
+class ModelConfig(_Section):
+    type: Literal["gan"] = Field("gan", description="Model family.")
+    latent_dim: int = Field(64, ge=1, le=4096, description="Generator noise dimension.")
+    generator_channels: int = Field(
+        64, ge=4, le=1024, description="Generator width (channels of its 14x14 layer)."
+    )
+    discriminator_channels: int = Field(
+        32, ge=4, le=1024, description="Discriminator width (channels of its first layer)."
+    )
+    groups: int = Field(
+        8, ge=1, description="GroupNorm groups (must divide both widths' larger layers)."
+    )
+
+
+class TrainingConfig(_Section):
+    local_steps: int = Field(
+        50, ge=1, description="Discriminator (DP-SGD) steps per client per round."
+    )
+    d_steps_per_g_step: int = Field(
+        5, ge=1, description="Discriminator steps between two generator steps."
+    )
+    batch_size: int = Field(
+        64, ge=1, description="Expected (Poisson) batch size; sample rate = batch_size / n."
+    )
+    lr_discriminator: float = Field(2e-4, gt=0.0, le=1.0, description="Adam lr of D.")
+    lr_generator: float = Field(2e-4, gt=0.0, le=1.0, description="Adam lr of G.")
+    beta1: float = Field(0.5, ge=0.0, lt=1.0, description="Adam beta1 for both networks.")
+
+
+class PrivacyConfig(_Section):
+    enabled: bool = Field(True, description="Train the discriminator with DP-SGD.")
+    target_epsilon: float = Field(
+        10.0, gt=0.0, le=1000.0, description="Epsilon per client after all planned rounds."
+    )
+    delta: float = Field(1e-5, gt=0.0, lt=1.0, description="Delta of (epsilon, delta)-DP.")
+    noise_multiplier: float | None = Field(
+        None,
+        ge=0.0,
+        description="Fix the noise instead of calibrating it to target_epsilon (unset: calibrate).",
+    )
+    max_grad_norm: float = Field(1.0, gt=0.0, description="Per-example clipping bound C.")
+    accountant: Literal["rdp", "prv"] = Field("rdp", description="Opacus accountant.")
+
+
+class FedgenConfig(_Section):
+    seed: int = Field(0, ge=0, description="Seed of partitions, models and sampling.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="`auto` uses CUDA when present."
+    )
+    run: RunConfig = Field(default_factory=RunConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    federation: FederationConfig = Field(default_factory=FederationConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> FedgenConfig:
+        fed, model, tr = self.federation, self.model, self.training
+        if tr.d_steps_per_g_step > tr.local_steps:
+            raise ValueError(
+                f"training.d_steps_per_g_step={tr.d_steps_per_g_step} exceeds "
+                f"training.local_steps={tr.local_steps}: the generator would never train; "
+                "lower it or raise local_steps"
+            )
+        if fed.min_train_clients > fed.num_clients:
+            raise ValueError(
+                f"federation.min_train_clients={fed.min_train_clients} exceeds "
+                f"federation.num_clients={fed.num_clients}; lower it or add clients"
+            )
+        for key in ("generator_channels", "discriminator_channels"):
+            width = getattr(model, key)
+            if (2 * width) % model.groups:
+                raise ValueError(
+                    f"model.groups={model.groups} must divide 2*model.{key}={2 * width}; "
+                    "pick groups among its divisors"
+                )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    model: type[BaseModel] = FedgenConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type):
+            return []
+        if not issubclass(field.annotation, BaseModel):
+            return []
+        model = field.annotation
+    return sorted(model.model_fields)
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not str(p).startswith("function-"))
+        key = ".".join(str(p) for p in loc) or "(config)"
+        if e["type"] == "extra_forbidden":
+            allowed = ", ".join(_allowed_keys(loc))
+            lines.append(f"unknown key '{key}' (value {e['input']!r}); allowed here: {allowed}")
+        elif e["type"] == "value_error":
+            lines.append(str(e["msg"]).removeprefix("Value error, "))
+        else:
+            lines.append(f"{key}: got {e['input']!r}; {e['msg'].lower()}")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def config_from_dict(raw: dict[str, Any] | None) -> FedgenConfig:
+    """Validate a plain dict (from YAML, JSON or a message) into settings."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"invalid config: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return FedgenConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err)) from None
+
+
+def _number_or_text(text: str) -> Any:
+    # YAML scalars (`3`, `true`, `null`); PyYAML reads `1e-5` as text, so try float too.
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` overrides to a raw config dict (copy)."""
+    out = json.loads(json.dumps(raw))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r} has an empty key part")
+        node = out
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: '{part}' is a value, not a section")
+            node = child
+        node[parts[-1]] = _number_or_text(text.strip())
+    return out
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass a YAML file from configs/")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections at the top level")
+    # PyYAML's YAML 1.1 reads 1e-5 as a string: turn numeric-looking strings into floats.
+    return _coerce_numeric_strings(raw)
+
+
+def _coerce_numeric_strings(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _coerce_numeric_strings(v) for k, v in node.items()}
+    if isinstance(node, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+", node):
+        return float(node)
+    return node
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> FedgenConfig:
+    """Read a YAML file (or the built-in quickstart defaults) and apply overrides."""
+    raw = _read_yaml(Path(path)) if path is not None else {}
+    return config_from_dict(apply_overrides(raw, overrides or []))
+
+
+def config_reference_markdown() -> str:
+    """The generated reference of every key (docs/CONFIG.md)."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from `fedgen/config.py` by `fedgen config-reference`; do not edit by hand.",
+        "Every key can be set in YAML or overridden with `--set section.key=value`.",
+        "",
+    ]
+    top = FedgenConfig.model_fields
+    scalars = [(n, f) for n, f in top.items() if not _is_section(f.annotation)]
+    lines += ["## top level", "", "| key | default | meaning |", "| --- | --- | --- |"]
+    lines += [f"| `{n}` | `{_default(f)}` | {f.description} |" for n, f in scalars]
+    for name, field in top.items():
+        if not _is_section(field.annotation):
+            continue
+        lines += ["", f"## {name}", "", "| key | default | meaning |", "| --- | --- | --- |"]
+        for sub, sf in field.annotation.model_fields.items():
+            lines.append(f"| `{name}.{sub}` | `{_default(sf)}` | {sf.description} |")
+    return "\n".join(lines) + "\n"
+
+
+def _is_section(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def _default(field: Any) -> str:
+    value = field.get_default(call_default_factory=True)
+    return "null" if value is None else str(value)

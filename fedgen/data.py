@@ -1,0 +1,330 @@
+"""Datasets and federated partitions.
+
+Images are returned as uint8 arrays (N, 28, 28) with int64 labels; `to_tensors` turns
+them into the float range [-1, 1] the models use. Partitioners return index arrays:
+deterministic for a seed, disjoint, and covering every example.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import shutil
+import struct
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from fedgen.config import DataConfig, FedgenConfig
+
+__all__ = [
+    "DataError",
+    "Dataset",
+    "load_mnist",
+    "make_glyphs",
+    "load_dataset",
+    "partition",
+    "client_partition",
+    "federated_partitions",
+    "to_tensors",
+    "GLYPH_CLASSES",
+]
+
+IMAGE_SIZE = 28
+NUM_CLASSES = 10
+
+# sha256 of the uncompressed IDX files, as published with the dataset.
+MNIST_FILES = {
+    "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+}
+MNIST_MIRRORS = (
+    "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    "https://storage.googleapis.com/cvdf-datasets/mnist/",
+)
+
+GLYPH_CLASSES = (
+    "circle", "square", "triangle", "plus", "cross",
+    "diamond", "hbar", "vbar", "disc", "two-lines",
+)  # fmt: skip
+
+
+class DataError(RuntimeError):
+    """Data is missing, corrupt or cannot be split as asked."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    images: np.ndarray  # uint8 (N, 28, 28)
+    labels: np.ndarray  # int64 (N,)
+    name: str
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def subset(self, indices: np.ndarray) -> Dataset:
+        return Dataset(self.images[indices], self.labels[indices], self.name)
+
+
+# --------------------------------------------------------------------------- MNIST
+
+
+def default_mnist_root() -> Path:
+    env = os.environ.get("FEDGEN_DATA_DIR")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "fedgen" / "mnist"
+
+
+def _open_idx(root: Path, name: str) -> bytes | None:
+    raw, gz = root / name, root / f"{name}.gz"
+    if raw.is_file():
+        return raw.read_bytes()
+    if gz.is_file():
+        try:
+            return gzip.decompress(gz.read_bytes())
+        except (OSError, EOFError) as err:
+            raise DataError(f"{gz} is not a valid gzip file ({err}); delete it and retry") from None
+    return None
+
+
+def _parse_idx(buf: bytes, source: str) -> np.ndarray:
+    if len(buf) < 8 or buf[0] != 0 or buf[1] != 0 or buf[2] != 0x08:
+        raise DataError(f"{source} is not an unsigned-byte IDX file")
+    ndim = buf[3]
+    dims = struct.unpack(f">{ndim}I", buf[4 : 4 + 4 * ndim])
+    expected = int(np.prod(dims))
+    data = np.frombuffer(buf, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != expected:
+        raise DataError(f"{source} is truncated: {data.size} bytes of data, header says {expected}")
+    return data.reshape(dims)
+
+
+def _download(name: str, root: Path) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for mirror in MNIST_MIRRORS:
+        url = f"{mirror}{name}.gz"
+        try:
+            with urllib.request.urlopen(url, timeout=30) as resp:
+                payload = resp.read()
+            data = gzip.decompress(payload)
+        except (urllib.error.URLError, OSError, EOFError) as err:
+            errors.append(f"{url}: {err}")
+            continue
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != MNIST_FILES[name]:
+            errors.append(f"{url}: checksum mismatch (sha256 {digest})")
+            continue
+        # Write then rename: a crash never leaves a half-written file under the real name.
+        with tempfile.NamedTemporaryFile(dir=root, delete=False) as tmp:
+            tmp.write(payload)
+        shutil.move(tmp.name, root / f"{name}.gz")
+        return
+    raise DataError(
+        f"could not download MNIST file {name} ({'; '.join(errors)}). Without network access, "
+        f"put the four MNIST IDX files (gzip or raw) in {root}, or point data.root or "
+        "FEDGEN_DATA_DIR at the folder that holds them."
+    )
+
+
+def load_mnist(root: str | Path | None = None, split: str = "train", download: bool = True) -> Dataset:
+    """Load MNIST from IDX files (gzip or raw); download them when absent and allowed."""
+    if split not in ("train", "test"):
+        raise DataError(f"split must be 'train' or 'test', got {split!r}")
+    folder = Path(root).expanduser() if root else default_mnist_root()
+    prefix = "train" if split == "train" else "t10k"
+    arrays = []
+    for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"):
+        name = f"{prefix}-{kind}"
+        buf = _open_idx(folder, name)
+        if buf is None:
+            if not download:
+                raise DataError(
+                    f"MNIST file {name}(.gz) not found in {folder}; put the IDX files there, "
+                    "point data.root or FEDGEN_DATA_DIR at them, or set data.download=true"
+                )
+            _download(name, folder)
+            buf = _open_idx(folder, name)
+            assert buf is not None
+        arrays.append(_parse_idx(buf, str(folder / name)))
+    images, labels = arrays
+    if images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE) or images.shape[0] != labels.shape[0]:
+        raise DataError(f"MNIST files in {folder} have unexpected shapes {images.shape}, {labels.shape}")
+    return Dataset(images, labels.astype(np.int64), "mnist")
+
+
+# --------------------------------------------------------------------------- glyphs
+
+
+def _draw_glyph(label: int, rng: np.random.Generator) -> np.ndarray:
+    # Draw at 2x and downsample: antialiased strokes look like handwriting-scale images.
+    scale = 2
+    size = IMAGE_SIZE * scale
+    img = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(img)
+    cx, cy = (size / 2 + rng.uniform(-4, 4, size=2) * scale).tolist()
+    r = rng.uniform(7, 11) * scale
+    w = int(rng.integers(2, 4) * scale)
+    box = [cx - r, cy - r, cx + r, cy + r]
+    if label == 0:
+        draw.ellipse(box, outline=255, width=w)
+    elif label == 1:
+        draw.rectangle(box, outline=255, width=w)
+    elif label == 2:
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], outline=255, width=w)
+    elif label == 3:
+        draw.line([cx - r, cy, cx + r, cy], fill=255, width=w)
+        draw.line([cx, cy - r, cx, cy + r], fill=255, width=w)
+    elif label == 4:
+        draw.line([cx - r, cy - r, cx + r, cy + r], fill=255, width=w)
+        draw.line([cx - r, cy + r, cx + r, cy - r], fill=255, width=w)
+    elif label == 5:
+        draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], outline=255, width=w)
+    elif label == 6:
+        draw.line([cx - r, cy, cx + r, cy], fill=255, width=w)
+    elif label == 7:
+        draw.line([cx, cy - r, cx, cy + r], fill=255, width=w)
+    elif label == 8:
+        draw.ellipse([cx - r * 0.6, cy - r * 0.6, cx + r * 0.6, cy + r * 0.6], fill=255)
+    else:
+        gap = r * 0.45
+        draw.line([cx - gap, cy - r, cx - gap, cy + r], fill=255, width=w)
+        draw.line([cx + gap, cy - r, cx + gap, cy + r], fill=255, width=w)
+    angle = float(rng.uniform(-15, 15))
+    img = img.rotate(angle, resample=Image.Resampling.BILINEAR)
+    img = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def make_glyphs(per_class: int, seed: int = 0, split: str = "train") -> Dataset:
+    """Built-in dataset: procedurally drawn, class-labelled 28x28 shapes (no download)."""
+    # Train and test draw from different streams so they never share an image.
+    rng = np.random.default_rng([seed, 0 if split == "train" else 1])
+    labels = np.repeat(np.arange(NUM_CLASSES), per_class)
+    rng.shuffle(labels)
+    images = np.stack([_draw_glyph(int(y), rng) for y in labels])
+    return Dataset(images, labels.astype(np.int64), "glyphs")
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def load_dataset(cfg: DataConfig, split: str = "train", seed: int = 0) -> Dataset:
+    if cfg.dataset == "mnist":
+        data = load_mnist(cfg.root, split, download=cfg.download)
+    else:
+        per_class = cfg.glyphs_per_class if split == "train" else max(10, cfg.glyphs_per_class // 5)
+        data = make_glyphs(per_class, seed=seed, split=split)
+    if split == "train" and cfg.num_examples is not None:
+        if cfg.num_examples > len(data):
+            raise DataError(
+                f"data.num_examples={cfg.num_examples} exceeds the {len(data)} training examples "
+                f"of {cfg.dataset}; lower it or leave it unset"
+            )
+        data = data.subset(np.arange(cfg.num_examples))
+    return data
+
+
+def to_tensors(data: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    images = torch.from_numpy(data.images.astype(np.float32) / 127.5 - 1.0).unsqueeze(1)
+    return images, torch.from_numpy(data.labels)
+
+
+# --------------------------------------------------------------------------- partitions
+
+
+def _iid(labels: np.ndarray, num_clients: int, rng: np.random.Generator) -> list[np.ndarray]:
+    return list(np.array_split(rng.permutation(len(labels)), num_clients))
+
+
+def _dirichlet(
+    labels: np.ndarray, num_clients: int, alpha: float, rng: np.random.Generator, min_size: int
+) -> list[np.ndarray]:
+    # Per class, split its examples among clients by Dirichlet(alpha) proportions; redraw
+    # while a client ends up (nearly) empty, as small alphas often leave one so.
+    for _ in range(1000):
+        parts: list[list[int]] = [[] for _ in range(num_clients)]
+        for cls in np.unique(labels):
+            idx = rng.permutation(np.flatnonzero(labels == cls))
+            cuts = (np.cumsum(rng.dirichlet([alpha] * num_clients)) * len(idx)).astype(int)[:-1]
+            for client, chunk in enumerate(np.split(idx, cuts)):
+                parts[client].extend(chunk.tolist())
+        if min(len(p) for p in parts) >= min_size:
+            return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+    raise DataError(
+        f"dirichlet partition with alpha={alpha} left a client with fewer than {min_size} "
+        "examples in 1000 draws; raise federation.dirichlet_alpha or use fewer clients"
+    )
+
+
+def _shards(
+    labels: np.ndarray, num_clients: int, per_client: int, rng: np.random.Generator
+) -> list[np.ndarray]:
+    num_shards = num_clients * per_client
+    if num_shards > len(labels):
+        raise DataError(
+            f"{num_shards} shards requested for {len(labels)} examples; lower "
+            "federation.shards_per_client or federation.num_clients"
+        )
+    # Sort by label (random order within a label), cut into shards, deal shards out at random.
+    order = np.lexsort((rng.random(len(labels)), labels))
+    shards = np.array_split(order, num_shards)
+    dealt = rng.permutation(num_shards).reshape(num_clients, per_client)
+    return [np.sort(np.concatenate([shards[s] for s in row])) for row in dealt]
+
+
+def partition(
+    labels: np.ndarray,
+    num_clients: int,
+    method: str = "iid",
+    seed: int = 0,
+    alpha: float = 0.5,
+    shards_per_client: int = 2,
+    min_size: int = 1,
+) -> list[np.ndarray]:
+    """Split example indices among clients: disjoint, complete, deterministic for a seed."""
+    if num_clients > len(labels):
+        raise DataError(
+            f"{num_clients} clients for {len(labels)} examples: every client needs data; "
+            "use fewer clients or more data"
+        )
+    rng = np.random.default_rng(seed)
+    if method == "iid":
+        return _iid(labels, num_clients, rng)
+    if method == "dirichlet":
+        return _dirichlet(labels, num_clients, alpha, rng, min_size)
+    if method == "shards":
+        return _shards(labels, num_clients, shards_per_client, rng)
+    raise DataError(f"unknown partition method {method!r}; use iid, dirichlet or shards")
+
+
+def federated_partitions(cfg: FedgenConfig, labels: np.ndarray, num_partitions: int) -> list[np.ndarray]:
+    """The simulation's split of the training set, as configured."""
+    fed = cfg.federation
+    return partition(
+        labels,
+        num_partitions,
+        fed.partition,
+        seed=cfg.seed,
+        alpha=fed.dirichlet_alpha,
+        shards_per_client=fed.shards_per_client,
+        min_size=max(1, cfg.training.batch_size // 4),
+    )
+
+
+def client_partition(cfg: FedgenConfig, partition_id: int, num_partitions: int) -> Dataset:
+    """The training examples of one simulated client (called inside that client's process)."""
+    if not 0 <= partition_id < num_partitions:
+        raise DataError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
+    data = load_dataset(cfg.data, "train", seed=cfg.seed)
+    return data.subset(federated_partitions(cfg, data.labels, num_partitions)[partition_id])

@@ -1,0 +1,319 @@
+"""The run directory and everything written into it.
+
+Layout of a run directory:
+    config.yaml            resolved settings (every key, defaults included)
+    manifest.json          versions, seed, command, start and end time
+    metrics.jsonl          one JSON object per round: losses, timings, epsilon
+    privacy_report.json    the epsilon report (schema in docs/PRIVACY.md)
+    privacy_report.md      the same as a table
+    privacy_epsilon.png    epsilon per client against rounds
+    samples/round_NNN.png  class-conditional samples, one row per class
+    checkpoints/round_NNN.safetensors  global weights after each round
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from fedgen.config import FedgenConfig
+from fedgen.privacy import epsilon_of
+
+__all__ = [
+    "RunDir",
+    "PrivacyLedger",
+    "write_atomic",
+    "save_image_grid",
+    "format_privacy_table",
+    "load_privacy_report",
+]
+
+
+def write_atomic(path: Path, data: bytes | str) -> None:
+    """Write then rename, so readers never see a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = data.encode() if isinstance(data, str) else data
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
+        tmp.write(payload)
+        tmp.flush()
+        os.fsync(tmp.fileno())
+    os.replace(tmp.name, path)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def save_image_grid(images: torch.Tensor, rows: int, path: Path, scale: int = 2) -> None:
+    """Save images in [-1, 1] of shape (rows*cols, 1, H, W) as one PNG grid."""
+    arr = ((images.detach().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+    n, _, h, w = arr.shape
+    cols = math.ceil(n / rows)
+    pad = 2
+    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad), 40, dtype=np.uint8)
+    for i in range(n):
+        r, c = divmod(i, cols)
+        y, x = pad + r * (h + pad), pad + c * (w + pad)
+        grid[y : y + h, x : x + w] = arr[i, 0]
+    img = Image.fromarray(grid, mode="L")
+    img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+
+
+class PrivacyLedger:
+    """The server's record of every client's privacy spending, as its clients reported it.
+
+    Each client's history is the full accountant history it holds, so the epsilon here is
+    cumulative over its whole participation; `check` recomputes it independently."""
+
+    def __init__(self, cfg: FedgenConfig) -> None:
+        self.cfg = cfg
+        self.clients: dict[str, dict[str, Any]] = {}
+        self.rounds: list[dict[str, Any]] = []
+
+    def record_round(self, server_round: int, reports: list[dict[str, Any]]) -> None:
+        entry: dict[str, Any] = {"round": server_round, "epsilon": {}}
+        for rep in reports:
+            cid = str(rep["client_id"])
+            history = [[float(s), float(q), int(n)] for s, q, n in rep["history"]]
+            p = self.cfg.privacy
+            recomputed = epsilon_of(history, p.delta, p.accountant) if p.enabled else None
+            self.clients[cid] = {
+                "epsilon": recomputed,
+                "reported_epsilon": rep.get("epsilon"),
+                "num_examples": int(rep["num_examples"]),
+                "noise_multiplier": float(rep["noise_multiplier"]),
+                "sample_rate": float(rep["sample_rate"]),
+                "planned_steps": int(rep["planned_steps"]),
+                "steps": sum(h[2] for h in history),
+                "rounds_participated": self.clients.get(cid, {}).get("rounds_participated", 0) + 1,
+                "history": history,
+            }
+            entry["epsilon"][cid] = recomputed
+        self.rounds.append(entry)
+
+    @property
+    def max_epsilon(self) -> float:
+        return max((c["epsilon"] or 0.0 for c in self.clients.values()), default=0.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        p = self.cfg.privacy
+        return {
+            "private": p.enabled,
+            "accountant": p.accountant,
+            "delta": p.delta,
+            "target_epsilon": p.target_epsilon if p.enabled else None,
+            "max_epsilon": self.max_epsilon if p.enabled else None,
+            "max_grad_norm": p.max_grad_norm,
+            "guarantee": (
+                "sample-level (epsilon, delta)-DP per client, for each client's own examples, "
+                "cumulative over all rounds it took part in; max_epsilon is the largest over clients"
+                if p.enabled
+                else "none: privacy.enabled is false"
+            ),
+            "mechanism": "DP-SGD (Opacus) on the discriminator's real-image gradient, Poisson sampling",
+            "rounds_planned": self.cfg.federation.rounds,
+            "local_steps_per_round": self.cfg.training.local_steps,
+            "rounds": self.rounds,
+            "clients": dict(sorted(self.clients.items(), key=lambda kv: _client_sort_key(kv[0]))),
+            "recompute": (
+                "for each client: opacus.accountants.create_accountant(accountant); "
+                "acc.history = [tuple(h) for h in history]; acc.get_epsilon(delta)"
+            ),
+        }
+
+
+def _client_sort_key(cid: str) -> tuple[int, str]:
+    return (int(cid), "") if cid.isdigit() else (1 << 62, cid)
+
+
+def format_privacy_table(report: dict[str, Any]) -> str:
+    """The epsilon report as a plain-text table (what `fedgen report` prints)."""
+    lines = []
+    if not report.get("private", True):
+        lines.append("privacy: NONE (privacy.enabled is false); no epsilon guarantee")
+    else:
+        lines.append(
+            f"accountant {report['accountant']}  delta {report['delta']:g}  "
+            f"target epsilon {report['target_epsilon']:g}  max epsilon {report['max_epsilon']:.4f}"
+        )
+    header = ["client", "epsilon", "examples", "noise", "sample rate", "steps", "rounds"]
+    rows = [
+        [
+            cid,
+            f"{c['epsilon']:.4f}" if report.get("private", True) else "-",
+            str(c["num_examples"]),
+            f"{c['noise_multiplier']:.4f}",
+            f"{c['sample_rate']:.5f}",
+            f"{c['steps']}/{c['planned_steps']}",
+            str(c["rounds_participated"]),
+        ]
+        for cid, c in report["clients"].items()
+    ]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    fmt = "  ".join(f"{{:>{w}}}" for w in widths)
+    lines += [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
+    lines += [fmt.format(*r) for r in rows]
+    return "\n".join(lines)
+
+
+def load_privacy_report(run_dir: Path) -> dict[str, Any]:
+    path = Path(run_dir) / "privacy_report.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} does not exist: is {run_dir} a fedgen run directory with at least one round done?"
+        )
+    return json.loads(path.read_text())
+
+
+class RunDir:
+    """Paths and writers of one run directory."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.samples = self.path / "samples"
+        self.checkpoints = self.path / "checkpoints"
+
+    @classmethod
+    def create(cls, cfg: FedgenConfig, out: str | Path | None = None) -> RunDir:
+        if out is None:
+            stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+            out = Path(cfg.run.out_dir) / f"{cfg.run.name}-{stamp}"
+        run = cls(Path(out).resolve())
+        if (run.path / "privacy_report.json").exists():
+            raise FileExistsError(
+                f"{run.path} already holds a run; choose another --out or delete it"
+            )
+        run.path.mkdir(parents=True, exist_ok=True)
+        write_atomic(run.path / "config.yaml", cfg.to_yaml())
+        return run
+
+    # --- manifest -----------------------------------------------------------------
+    def write_manifest(self, cfg: FedgenConfig, **extra: Any) -> None:
+        path = self.path / "manifest.json"
+        manifest = json.loads(path.read_text()) if path.is_file() else {}
+        if not manifest:
+            manifest = {
+                "fedgen": _version("fedgen"),
+                "torch": torch.__version__,
+                "opacus": _version("opacus"),
+                "flwr": _version("flwr"),
+                "python": platform.python_version(),
+                "platform": platform.platform(),
+                "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+                "seed": cfg.seed,
+                "command": " ".join(sys.argv),
+                "start_time": _now(),
+                "end_time": None,
+            }
+        manifest.update(extra)
+        write_atomic(path, json.dumps(manifest, indent=2))
+
+    def finish(self, cfg: FedgenConfig, status: str = "completed") -> None:
+        self.write_manifest(cfg, end_time=_now(), status=status)
+
+    # --- per round ----------------------------------------------------------------
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        with open(self.path / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(record, sort_keys=True) + "\n")
+
+    def save_checkpoint(self, server_round: int, state: dict[str, torch.Tensor]) -> Path:
+        path = self.checkpoints / f"round_{server_round:03d}.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"round": str(server_round)})
+        os.replace(tmp, path)
+        return path
+
+    def latest_checkpoint(self) -> tuple[int, dict[str, torch.Tensor]]:
+        found = sorted(self.checkpoints.glob("round_*.safetensors"))
+        if not found:
+            raise FileNotFoundError(f"no checkpoint in {self.checkpoints}")
+        return int(found[-1].stem.split("_")[1]), load_file(str(found[-1]))
+
+    def write_privacy_report(self, ledger: PrivacyLedger) -> None:
+        report = ledger.to_dict()
+        write_atomic(self.path / "privacy_report.json", json.dumps(report, indent=2))
+        write_atomic(self.path / "privacy_report.md", _privacy_markdown(report))
+        _plot_epsilon(report, self.path / "privacy_epsilon.png")
+
+
+def _privacy_markdown(report: dict[str, Any]) -> str:
+    lines = [
+        "# Privacy report",
+        "",
+        f"- guarantee: {report['guarantee']}",
+        f"- mechanism: {report['mechanism']}",
+        f"- accountant: `{report['accountant']}`, delta: `{report['delta']:g}`, "
+        f"clipping bound: `{report['max_grad_norm']:g}`",
+        f"- target epsilon: `{report['target_epsilon']}`, max epsilon over clients: "
+        f"`{report['max_epsilon']}`",
+        f"- rounds planned: {report['rounds_planned']}, DP steps per round: "
+        f"{report['local_steps_per_round']}",
+        f"- recompute: `{report['recompute']}`",
+        "",
+        "| client | epsilon | examples | noise multiplier | sample rate | steps (done/planned) | rounds |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for cid, c in report["clients"].items():
+        eps = f"{c['epsilon']:.4f}" if report["private"] else "-"
+        lines.append(
+            f"| {cid} | {eps} | {c['num_examples']} | {c['noise_multiplier']:.4f} | "
+            f"{c['sample_rate']:.5f} | {c['steps']}/{c['planned_steps']} | {c['rounds_participated']} |"
+        )
+    lines += ["", "History per client, `[noise_multiplier, sample_rate, steps]`:", ""]
+    lines += [f"- {cid}: `{c['history']}`" for cid, c in report["clients"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def _plot_epsilon(report: dict[str, Any], path: Path) -> None:
+    if not report["private"]:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    series: dict[str, tuple[list[int], list[float]]] = {}
+    for entry in report["rounds"]:
+        for cid, eps in entry["epsilon"].items():
+            xs, ys = series.setdefault(cid, ([], []))
+            xs.append(entry["round"])
+            ys.append(eps)
+    for cid, (xs, ys) in sorted(series.items(), key=lambda kv: _client_sort_key(kv[0])):
+        ax.plot(xs, ys, marker="o", label=f"client {cid}")
+    ax.axhline(report["target_epsilon"], color="black", linestyle="--", label="target")
+    ax.set_xlabel("round")
+    ax.set_ylabel(f"cumulative epsilon (delta={report['delta']:g})")
+    ax.set_title(f"Privacy spent per client ({report['accountant']} accountant)")
+    ax.set_xlim(left=0)
+    ax.set_ylim(bottom=0)
+    if len(series) <= 12:
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -1,0 +1,196 @@
+"""One federated round, without Flower: what a client does with the global weights, and
+what the server records after aggregating. `clients/` and `server/` only move these
+plain values in and out of Flower messages."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from fedgen.config import FedgenConfig
+from fedgen.data import NUM_CLASSES, Dataset, federated_partitions, load_dataset, to_tensors
+from fedgen.models import ConditionalGAN, build_gan
+from fedgen.privacy import HistoryEntry, PlannedBudget, calibrate_noise, sample_rate_for
+from fedgen.reports import PrivacyLedger, RunDir, save_image_grid
+from fedgen.training import LocalResult, resolve_device, train_gan_locally
+
+__all__ = ["ClientPrivacyState", "plan_privacy", "preflight", "client_round", "RoundRecorder", "client_seed"]
+
+# Known, harmless warnings from Opacus/PyTorch that would otherwise repeat every round.
+warnings.filterwarnings("ignore", message="Secure RNG turned off")
+warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+warnings.filterwarnings("ignore", message="Full backward hook is firing")
+
+
+@dataclass
+class ClientPrivacyState:
+    """Everything a client must keep between rounds to account for its privacy."""
+
+    noise_multiplier: float
+    sample_rate: float
+    planned_steps: int
+    history: list[HistoryEntry]
+
+    def to_plain(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["history"] = [list(h) for h in self.history]
+        return d
+
+    @classmethod
+    def from_plain(cls, d: dict[str, Any]) -> ClientPrivacyState:
+        return cls(
+            float(d["noise_multiplier"]),
+            float(d["sample_rate"]),
+            int(d["planned_steps"]),
+            [(float(s), float(q), int(n)) for s, q, n in d["history"]],
+        )
+
+
+def plan_privacy(cfg: FedgenConfig, num_examples: int) -> ClientPrivacyState:
+    """Calibrate the noise before the first round: planned for every round and local step,
+    so that the epsilon after all of them reaches the target and never exceeds it."""
+    q = sample_rate_for(cfg.training.batch_size, num_examples)
+    steps = cfg.federation.rounds * cfg.training.local_steps
+    p = cfg.privacy
+    if not p.enabled:
+        sigma = 0.0
+    elif p.noise_multiplier is not None:
+        sigma = p.noise_multiplier
+    else:
+        sigma = calibrate_noise(PlannedBudget(p.target_epsilon, p.delta, q, steps, p.accountant))
+    return ClientPrivacyState(sigma, q, steps, [])
+
+
+def preflight(cfg: FedgenConfig) -> tuple[list[int], ClientPrivacyState]:
+    """Check, before any process starts, that the data is there, every client can train
+    and the privacy target is reachable: returns the client sizes and the smallest client's
+    privacy plan (the noisiest one). Raises DataError or ValueError with the fix."""
+    data = load_dataset(cfg.data, "train", seed=cfg.seed)
+    sizes = [len(p) for p in federated_partitions(cfg, data.labels, cfg.federation.num_clients)]
+    smallest = min(sizes)
+    plan = plan_privacy(cfg, smallest)
+    if cfg.privacy.enabled and cfg.privacy.delta >= 1.0 / smallest:
+        warnings.warn(
+            f"privacy.delta={cfg.privacy.delta:g} is not below 1/n={1.0 / smallest:.2g} of the "
+            "smallest client: such a delta permits leaking whole examples; lower it",
+            stacklevel=2,
+        )
+    return sizes, plan
+
+
+def client_seed(seed: int, client_index: int, server_round: int) -> int:
+    return (seed * 1_000_003 + client_index * 10_007 + server_round) % (2**31)
+
+
+def client_round(
+    cfg: FedgenConfig,
+    global_state: dict[str, torch.Tensor],
+    data: Dataset,
+    privacy: ClientPrivacyState,
+    seed: int,
+    proximal_mu: float = 0.0,
+) -> tuple[LocalResult, ClientPrivacyState]:
+    """Train the global model on one client's data for one round."""
+    spent = sum(h[2] for h in privacy.history)
+    if cfg.privacy.enabled and spent + cfg.training.local_steps > privacy.planned_steps:
+        raise RuntimeError(
+            f"this client has done {spent} of its {privacy.planned_steps} planned DP steps; another "
+            "round would exceed the budget its noise was calibrated for"
+        )
+    device = resolve_device(cfg.device)
+    model = build_gan(cfg.model, NUM_CLASSES)
+    model.load_state_dict(global_state)
+    images, labels = to_tensors(data)
+    result = train_gan_locally(
+        model,
+        images,
+        labels,
+        cfg.training,
+        cfg.privacy,
+        privacy.noise_multiplier,
+        privacy.history,
+        device,
+        seed,
+        proximal_mu,
+    )
+    new_state = ClientPrivacyState(
+        privacy.noise_multiplier, privacy.sample_rate, privacy.planned_steps, result.history
+    )
+    return result, new_state
+
+
+class RoundRecorder:
+    """Server-side bookkeeping after each aggregation: metrics, checkpoint, samples and
+    the privacy report, all in the run directory."""
+
+    def __init__(self, cfg: FedgenConfig, run_dir: RunDir) -> None:
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.ledger = PrivacyLedger(cfg)
+        self._round_start = time.perf_counter()
+        self._sample_labels = torch.arange(NUM_CLASSES).repeat_interleave(cfg.run.samples_per_class)
+
+    def round_started(self) -> None:
+        self._round_start = time.perf_counter()
+
+    def initial_state(self) -> dict[str, torch.Tensor]:
+        return build_gan(self.cfg.model, NUM_CLASSES, seed=self.cfg.seed).state_dict()
+
+    def save_samples(self, server_round: int, state: dict[str, torch.Tensor]) -> None:
+        model = ConditionalGAN(self.cfg.model, NUM_CLASSES)
+        model.load_state_dict(state)
+        # The same latent noise every time, so grids of successive rounds are comparable.
+        gen = torch.Generator().manual_seed(self.cfg.seed)
+        images = model.sample(self._sample_labels, generator=gen)
+        save_image_grid(images, NUM_CLASSES, self.run_dir.samples / f"round_{server_round:03d}.png")
+
+    def record(
+        self,
+        server_round: int,
+        state: dict[str, torch.Tensor] | None,
+        client_reports: list[dict[str, Any]],
+        failures: list[str],
+    ) -> dict[str, Any]:
+        """Write everything for a finished round; returns the metrics line."""
+        self.ledger.record_round(server_round, client_reports)
+        self.run_dir.write_privacy_report(self.ledger)
+        if state is not None:
+            self.run_dir.save_checkpoint(server_round, state)
+            last = server_round == self.cfg.federation.rounds
+            if server_round % self.cfg.run.sample_every == 0 or last:
+                self.save_samples(server_round, state)
+        metrics_keys = ("d_loss_fake", "g_loss", "train_seconds", "samples_per_second")
+        line: dict[str, Any] = {
+            "round": server_round,
+            "round_seconds": time.perf_counter() - self._round_start,
+            "clients": len(client_reports),
+            "failures": len(failures),
+            "failure_reasons": failures,
+            "max_epsilon": self.ledger.max_epsilon if self.cfg.privacy.enabled else None,
+            "per_client": {
+                str(r["client_id"]): {k: r["metrics"].get(k) for k in (*metrics_keys, "epsilon")}
+                for r in client_reports
+            },
+        }
+        for key in metrics_keys:
+            values = [r["metrics"][key] for r in client_reports if key in r["metrics"]]
+            line[key] = sum(values) / len(values) if values else None
+        self.run_dir.append_metrics(line)
+        return line
+
+    def print_progress(self, line: dict[str, Any]) -> None:
+        def fmt(v: float | None) -> str:
+            return "-" if v is None else f"{v:.3f}"
+
+        eps = "" if line["max_epsilon"] is None else f"  max epsilon {line['max_epsilon']:.3f}"
+        fails = f"  failures {line['failures']}" if line["failures"] else ""
+        print(
+            f"[fedgen] round {line['round']}/{self.cfg.federation.rounds}: {line['clients']} clients"
+            f"  d_loss_fake {fmt(line['d_loss_fake'])}  g_loss {fmt(line['g_loss'])}"
+            f"{eps}{fails}  ({line['round_seconds']:.1f}s)",
+            flush=True,
+        )

@@ -1,0 +1,256 @@
+"""Local training of a class-conditional GAN with DP-SGD on the discriminator.
+
+Why this is private (sample level, per client):
+- Only the discriminator's loss on *real* images reads private data. Its gradient is taken
+  per example, clipped to `max_grad_norm` and noised by Opacus's DPOptimizer, on
+  Poisson-sampled batches; the accountant records every such step.
+- The discriminator's loss on *fake* images and the FedProx proximal term depend only on
+  the generator, the current (already privatised) weights and fresh randomness. Their
+  gradient is added after clipping and noising, so it is post-processing of DP outputs:
+  it costs no privacy and is neither clipped nor noised (Opacus issue #418 makes the same
+  point about the DCGAN example, which clips real and fake gradients together).
+- The generator sees private data only through the discriminator's weights, so its
+  updates are post-processing too.
+- Metrics that leave the client are computed on generated data only (the loss on real
+  images is not reported: it is an un-noised statistic of private data).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from opacus import GradSampleModule, PrivacyEngine
+from opacus.optimizers import DPOptimizer
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from fedgen.config import PrivacyConfig, TrainingConfig
+from fedgen.models import ConditionalGAN
+from fedgen.privacy import HistoryEntry, epsilon_of
+
+__all__ = [
+    "LocalResult",
+    "resolve_device",
+    "make_private_discriminator",
+    "discriminator_step",
+    "generator_step",
+    "train_gan_locally",
+]
+
+ExtraGrads = Callable[[list[nn.Parameter]], list[torch.Tensor]]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device: cuda was asked for but CUDA is not available; use auto or cpu")
+    return torch.device(name)
+
+
+@dataclass
+class LocalResult:
+    state_dict: dict[str, torch.Tensor]
+    metrics: dict[str, float]
+    history: list[HistoryEntry] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def _hooks_off(module: nn.Module) -> Iterator[None]:
+    """Forward/backward through the discriminator without Opacus recording per-example
+    gradients (fake images, generator steps)."""
+    if isinstance(module, GradSampleModule):
+        module.disable_hooks()
+        try:
+            yield
+        finally:
+            module.enable_hooks()
+    else:
+        yield
+
+
+def make_private_discriminator(
+    discriminator: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    privacy: PrivacyConfig,
+    noise_multiplier: float,
+    history: list[HistoryEntry],
+) -> tuple[nn.Module, torch.optim.Optimizer, DataLoader, PrivacyEngine]:
+    """Wrap D for DP-SGD with Poisson sampling; the accountant continues `history`."""
+    engine = PrivacyEngine(accountant=privacy.accountant)
+    engine.accountant.history = [tuple(h) for h in history]
+    module, dp_optimizer, dp_loader = engine.make_private(
+        module=discriminator,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=privacy.max_grad_norm,
+        poisson_sampling=True,
+    )
+    return module, dp_optimizer, dp_loader, engine
+
+
+def _bce(logits: torch.Tensor, target: float) -> torch.Tensor:
+    # Sum over the batch divided by max(n, 1): the mean for n >= 1, and 0 (not NaN) for the
+    # empty batches Poisson sampling sometimes draws.
+    loss = F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, target), reduction="sum")
+    return loss / max(1, logits.shape[0])
+
+
+def discriminator_step(
+    disc: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    real: torch.Tensor,
+    real_labels: torch.Tensor,
+    fake: torch.Tensor | None = None,
+    fake_labels: torch.Tensor | None = None,
+    extra_grads: ExtraGrads | None = None,
+) -> float:
+    """One discriminator update. Under DP only the real-image gradient is clipped and
+    noised; the fake-image gradient and `extra_grads` are added afterwards (see module doc).
+    Returns the loss on fake images."""
+    is_dp = isinstance(optimizer, DPOptimizer)
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+    optimizer.zero_grad(set_to_none=True)
+    public: list[torch.Tensor] | None = None
+    fake_loss = 0.0
+    if fake is not None:
+        with _hooks_off(disc):
+            loss = _bce(disc(fake, fake_labels), 0.0)
+            loss.backward()
+        fake_loss = float(loss.detach())
+        public = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+        optimizer.zero_grad(set_to_none=True)
+    _bce(disc(real, real_labels), 1.0).backward()
+    if is_dp and not optimizer.pre_step():  # clip per example, add noise, account
+        return fake_loss
+    if public is not None or extra_grads is not None:
+        extra = extra_grads(params) if extra_grads is not None else None
+        for i, p in enumerate(params):
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            if public is not None:
+                p.grad.add_(public[i])
+            if extra is not None:
+                p.grad.add_(extra[i])
+    (optimizer.original_optimizer if is_dp else optimizer).step()
+    return fake_loss
+
+
+def generator_step(
+    generator: nn.Module,
+    disc: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch_size: int,
+    num_classes: int,
+    extra_grads: ExtraGrads | None = None,
+) -> float:
+    """One non-saturating generator update through the (frozen) discriminator."""
+    device = next(generator.parameters()).device
+    d_params = [p for p in disc.parameters() if p.requires_grad]
+    for p in d_params:
+        p.requires_grad_(False)
+    try:
+        optimizer.zero_grad(set_to_none=True)
+        labels = torch.randint(0, num_classes, (batch_size,), device=device)
+        z = torch.randn(batch_size, generator.latent_dim, device=device)
+        with _hooks_off(disc):
+            loss = _bce(disc(generator(z, labels), labels), 1.0)
+            loss.backward()
+        if extra_grads is not None:
+            g_params = [p for p in generator.parameters() if p.requires_grad]
+            for p, g in zip(g_params, extra_grads(g_params), strict=True):
+                p.grad = g if p.grad is None else p.grad.add_(g)
+        optimizer.step()
+    finally:
+        for p in d_params:
+            p.requires_grad_(True)
+    return float(loss.detach())
+
+
+def _proximal(mu: float, anchors: dict[int, torch.Tensor]) -> ExtraGrads | None:
+    # FedProx: gradient of mu/2 * ||w - w_global||^2, which reads no data.
+    if mu <= 0:
+        return None
+    return lambda params: [mu * (p.detach() - anchors[id(p)]) for p in params]
+
+
+def _batches(loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    while True:
+        yield from loader
+
+
+def train_gan_locally(
+    model: ConditionalGAN,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    training: TrainingConfig,
+    privacy: PrivacyConfig,
+    noise_multiplier: float,
+    history: list[HistoryEntry],
+    device: torch.device,
+    seed: int,
+    proximal_mu: float = 0.0,
+    on_step: Callable[[int], None] | None = None,
+) -> LocalResult:
+    """Train `model` for `training.local_steps` discriminator steps on one client's data.
+
+    `history` is the client's accountant history before this round; the result's history
+    covers this round too."""
+    torch.manual_seed(seed)
+    model.to(device).train()
+    gen, disc = model.generator, model.discriminator
+    anchors = {id(p): p.detach().clone() for p in model.parameters()}
+    prox = _proximal(proximal_mu, anchors)
+    betas = (training.beta1, 0.999)
+    d_opt: torch.optim.Optimizer = torch.optim.Adam(disc.parameters(), lr=training.lr_discriminator, betas=betas)
+    g_opt = torch.optim.Adam(gen.parameters(), lr=training.lr_generator, betas=betas)
+    loader = DataLoader(TensorDataset(images, labels), batch_size=training.batch_size, shuffle=True)
+    engine = None
+    d_module: nn.Module = disc
+    if privacy.enabled:
+        d_module, d_opt, loader, engine = make_private_discriminator(
+            disc, d_opt, loader, privacy, noise_multiplier, history
+        )
+    batches = _batches(loader)
+    d_losses, g_losses = [], []
+    start = time.perf_counter()
+    try:
+        for step in range(training.local_steps):
+            real, real_labels = next(batches)
+            real, real_labels = real.to(device), real_labels.to(device)
+            fake_labels = torch.randint(0, model.num_classes, (training.batch_size,), device=device)
+            with torch.no_grad():
+                fake = gen(torch.randn(training.batch_size, gen.latent_dim, device=device), fake_labels)
+            d_losses.append(
+                discriminator_step(d_module, d_opt, real, real_labels, fake, fake_labels, prox)
+            )
+            if (step + 1) % training.d_steps_per_g_step == 0:
+                g_losses.append(
+                    generator_step(gen, d_module, g_opt, training.batch_size, model.num_classes, prox)
+                )
+            if on_step is not None:
+                on_step(step)
+    finally:
+        if isinstance(d_module, GradSampleModule):
+            d_module._close()  # remove Opacus hooks so the model is plain again
+    seconds = time.perf_counter() - start
+    new_history = list(engine.accountant.history) if engine is not None else list(history)
+    metrics = {
+        "d_loss_fake": sum(d_losses) / len(d_losses),
+        "g_loss": sum(g_losses) / len(g_losses) if g_losses else float("nan"),
+        "d_steps": float(training.local_steps),
+        "g_steps": float(len(g_losses)),
+        "train_seconds": seconds,
+        "samples_per_second": training.local_steps * training.batch_size / max(seconds, 1e-9),
+    }
+    if privacy.enabled:
+        metrics["epsilon"] = epsilon_of(new_history, privacy.delta, privacy.accountant)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return LocalResult(state, metrics, [(float(s), float(q), int(n)) for s, q, n in new_history])

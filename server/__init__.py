@@ -1,0 +1,1 @@
+"""The Flower ServerApp and strategy glue: a thin adapter around `fedgen.rounds`."""

@@ -1,0 +1,44 @@
+"""Run a federation on one machine with Flower's simulation engine (Ray)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from flwr.simulation import run_simulation
+
+from clients.app import app as client_app
+from fedgen.config import FedgenConfig
+from fedgen.reports import RunDir
+from server.app import make_server_app
+
+
+def backend_config(cfg: FedgenConfig) -> dict:
+    fed = cfg.federation
+    cpus = max(os.cpu_count() or 1, int(fed.client_cpus + 0.999))
+    init_args: dict = {"num_cpus": cpus, "include_dashboard": False}
+    resources: dict = {"num_cpus": fed.client_cpus}
+    if fed.client_gpus > 0:
+        # Fractional GPUs: e.g. 0.25 lets four clients share one device.
+        resources["num_gpus"] = fed.client_gpus
+        import torch
+
+        init_args["num_gpus"] = torch.cuda.device_count()
+    return {"init_args": init_args, "client_resources": resources}
+
+
+def simulate(cfg: FedgenConfig, run_dir: RunDir) -> None:
+    """Run the whole federation; raises if it did not complete."""
+    run_simulation(
+        server_app=make_server_app(cfg, run_dir),
+        client_app=client_app,
+        num_supernodes=cfg.federation.num_clients,
+        backend_config=backend_config(cfg),
+    )
+    manifest = run_dir.path / "manifest.json"
+    status = json.loads(manifest.read_text()).get("status") if manifest.is_file() else None
+    if status != "completed":
+        raise RuntimeError(
+            f"the simulation did not complete (status: {status}); the log above says why, "
+            f"and {run_dir.path} holds what was written so far"
+        )
