@@ -37,7 +37,9 @@ def _client_identity(context: Context) -> tuple[str, int, int]:
     return str(pid), pid, n
 
 
-def _load_privacy_state(context: Context, cfg: FedgenConfig, num_examples: int) -> ClientPrivacyState:
+def _load_privacy_state(
+    context: Context, cfg: FedgenConfig, num_examples: int
+) -> ClientPrivacyState:
     record = context.state.config_records.get(PRIVACY_STATE_KEY)
     if record is None:
         return plan_privacy(cfg, num_examples)  # first round: calibrate once for the whole run

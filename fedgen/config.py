@@ -81,7 +81,9 @@ class FederationConfig(_Section):
     dirichlet_alpha: float = Field(
         0.5, gt=0.0, description="Label skew of `dirichlet` (smaller: more skewed)."
     )
-    shards_per_client: int = Field(2, ge=1, description="Label-sorted shards per client (`shards`).")
+    shards_per_client: int = Field(
+        2, ge=1, description="Label-sorted shards per client (`shards`)."
+    )
     strategy: Literal["fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg"] = Field(
         "fedavg", description="Server strategy from flwr.serverapp.strategy."
     )
@@ -221,7 +223,9 @@ def config_from_dict(raw: dict[str, Any] | None) -> FedgenConfig:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"invalid config: expected a mapping of sections, got {type(raw).__name__}")
+        raise ConfigError(
+            f"invalid config: expected a mapping of sections, got {type(raw).__name__}"
+        )
     try:
         return FedgenConfig.model_validate(raw)
     except ValidationError as err:

@@ -137,7 +137,9 @@ def _download(name: str, root: Path) -> None:
     )
 
 
-def load_mnist(root: str | Path | None = None, split: str = "train", download: bool = True) -> Dataset:
+def load_mnist(
+    root: str | Path | None = None, split: str = "train", download: bool = True
+) -> Dataset:
     """Load MNIST from IDX files (gzip or raw); download them when absent and allowed."""
     if split not in ("train", "test"):
         raise DataError(f"split must be 'train' or 'test', got {split!r}")
@@ -159,7 +161,9 @@ def load_mnist(root: str | Path | None = None, split: str = "train", download: b
         arrays.append(_parse_idx(buf, str(folder / name)))
     images, labels = arrays
     if images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE) or images.shape[0] != labels.shape[0]:
-        raise DataError(f"MNIST files in {folder} have unexpected shapes {images.shape}, {labels.shape}")
+        raise DataError(
+            f"MNIST files in {folder} have unexpected shapes {images.shape}, {labels.shape}"
+        )
     return Dataset(images, labels.astype(np.int64), "mnist")
 
 
@@ -308,7 +312,9 @@ def partition(
     raise DataError(f"unknown partition method {method!r}; use iid, dirichlet or shards")
 
 
-def federated_partitions(cfg: FedgenConfig, labels: np.ndarray, num_partitions: int) -> list[np.ndarray]:
+def federated_partitions(
+    cfg: FedgenConfig, labels: np.ndarray, num_partitions: int
+) -> list[np.ndarray]:
     """The simulation's split of the training set, as configured."""
     fed = cfg.federation
     return partition(

@@ -80,7 +80,9 @@ class ConditionalGAN(nn.Module):
         self.num_classes = num_classes
 
     @torch.no_grad()
-    def sample(self, labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(
+        self, labels: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         was_training = self.generator.training
         self.generator.eval()
         z = self.generator.sample_latent(len(labels), generator)

@@ -171,7 +171,9 @@ def format_privacy_table(report: dict[str, Any]) -> str:
         ]
         for cid, c in report["clients"].items()
     ]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)
+    ]
     fmt = "  ".join(f"{{:>{w}}}" for w in widths)
     lines += [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
     lines += [fmt.format(*r) for r in rows]
@@ -242,7 +244,11 @@ class RunDir:
         path = self.checkpoints / f"round_{server_round:03d}.safetensors"
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"round": str(server_round)})
+        save_file(
+            {k: v.contiguous() for k, v in state.items()},
+            str(tmp),
+            metadata={"round": str(server_round)},
+        )
         os.replace(tmp, path)
         return path
 

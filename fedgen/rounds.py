@@ -18,7 +18,14 @@ from fedgen.privacy import HistoryEntry, PlannedBudget, calibrate_noise, sample_
 from fedgen.reports import PrivacyLedger, RunDir, save_image_grid
 from fedgen.training import LocalResult, resolve_device, train_gan_locally
 
-__all__ = ["ClientPrivacyState", "plan_privacy", "preflight", "client_round", "RoundRecorder", "client_seed"]
+__all__ = [
+    "ClientPrivacyState",
+    "plan_privacy",
+    "preflight",
+    "client_round",
+    "RoundRecorder",
+    "client_seed",
+]
 
 # Known, harmless warnings from Opacus/PyTorch that would otherwise repeat every round.
 warnings.filterwarnings("ignore", message="Secure RNG turned off")

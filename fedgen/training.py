@@ -99,7 +99,9 @@ def make_private_discriminator(
 def _bce(logits: torch.Tensor, target: float) -> torch.Tensor:
     # Sum over the batch divided by max(n, 1): the mean for n >= 1, and 0 (not NaN) for the
     # empty batches Poisson sampling sometimes draws.
-    loss = F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, target), reduction="sum")
+    loss = F.binary_cross_entropy_with_logits(
+        logits, torch.full_like(logits, target), reduction="sum"
+    )
     return loss / max(1, logits.shape[0])
 
 
@@ -125,7 +127,9 @@ def discriminator_step(
             loss = _bce(disc(fake, fake_labels), 0.0)
             loss.backward()
         fake_loss = float(loss.detach())
-        public = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+        public = [
+            p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params
+        ]
         optimizer.zero_grad(set_to_none=True)
     _bce(disc(real, real_labels), 1.0).backward()
     if is_dp and not optimizer.pre_step():  # clip per example, add noise, account
@@ -209,7 +213,9 @@ def train_gan_locally(
     anchors = {id(p): p.detach().clone() for p in model.parameters()}
     prox = _proximal(proximal_mu, anchors)
     betas = (training.beta1, 0.999)
-    d_opt: torch.optim.Optimizer = torch.optim.Adam(disc.parameters(), lr=training.lr_discriminator, betas=betas)
+    d_opt: torch.optim.Optimizer = torch.optim.Adam(
+        disc.parameters(), lr=training.lr_discriminator, betas=betas
+    )
     g_opt = torch.optim.Adam(gen.parameters(), lr=training.lr_generator, betas=betas)
     loader = DataLoader(TensorDataset(images, labels), batch_size=training.batch_size, shuffle=True)
     engine = None
@@ -227,13 +233,17 @@ def train_gan_locally(
             real, real_labels = real.to(device), real_labels.to(device)
             fake_labels = torch.randint(0, model.num_classes, (training.batch_size,), device=device)
             with torch.no_grad():
-                fake = gen(torch.randn(training.batch_size, gen.latent_dim, device=device), fake_labels)
+                fake = gen(
+                    torch.randn(training.batch_size, gen.latent_dim, device=device), fake_labels
+                )
             d_losses.append(
                 discriminator_step(d_module, d_opt, real, real_labels, fake, fake_labels, prox)
             )
             if (step + 1) % training.d_steps_per_g_step == 0:
                 g_losses.append(
-                    generator_step(gen, d_module, g_opt, training.batch_size, model.num_classes, prox)
+                    generator_step(
+                        gen, d_module, g_opt, training.batch_size, model.num_classes, prox
+                    )
                 )
             if on_step is not None:
                 on_step(step)

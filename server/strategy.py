@@ -60,7 +60,10 @@ def client_report(reply: Message) -> dict[str, Any]:
 
 def _float32(arrays: ArrayRecord) -> dict:
     # Server optimisers (FedAdam) compute in float64; the model and checkpoints are float32.
-    return {k: v.float() if v.is_floating_point() else v for k, v in arrays.to_torch_state_dict().items()}
+    return {
+        k: v.float() if v.is_floating_point() else v
+        for k, v in arrays.to_torch_state_dict().items()
+    }
 
 
 def build_strategy(cfg: FedgenConfig, recorder: RoundRecorder) -> Strategy:
@@ -93,7 +96,9 @@ def build_strategy(cfg: FedgenConfig, recorder: RoundRecorder) -> Strategy:
             replies = list(replies)
             arrays, metrics = super().aggregate_train(server_round, replies)
             ok = [r for r in replies if not r.has_error()]
-            failures = [f"node {r.metadata.src_node_id}: {r.error.reason}" for r in replies if r.has_error()]
+            failures = [
+                f"node {r.metadata.src_node_id}: {r.error.reason}" for r in replies if r.has_error()
+            ]
             line = recorder.record(
                 server_round,
                 _float32(arrays) if arrays is not None else None,
