@@ -33,6 +33,7 @@ HistoryEntry = tuple[float, float, int]
 
 # Calibration stops within this fraction below the target: the spec asks for <= 2%.
 CALIBRATION_TOLERANCE = 0.005
+MAX_USEFUL_NOISE = 100.0
 
 
 @dataclass(frozen=True)
@@ -75,21 +76,23 @@ def sample_rate_for(batch_size: int, num_examples: int) -> float:
 def calibrate_noise(plan: PlannedBudget) -> float:
     """The smallest noise multiplier whose epsilon after `plan.steps` steps is at most the
     target (and within CALIBRATION_TOLERANCE of it)."""
-    try:
-        sigma = get_noise_multiplier(
-            target_epsilon=plan.target_epsilon,
-            target_delta=plan.delta,
-            sample_rate=plan.sample_rate,
-            steps=plan.steps,
-            accountant=plan.accountant,
-            epsilon_tolerance=CALIBRATION_TOLERANCE * plan.target_epsilon,
-        )
-    except ValueError as err:
+    # Beyond this noise the model learns nothing: refuse at once rather than search on.
+    floor = epsilon_of([(MAX_USEFUL_NOISE, plan.sample_rate, plan.steps)], plan.delta, plan.accountant)
+    if floor > plan.target_epsilon:
         raise ValueError(
             f"cannot reach target_epsilon={plan.target_epsilon} at delta={plan.delta} with "
-            f"{plan.steps} steps at sample rate {plan.sample_rate:.4g} ({err}); raise the "
-            "target, or plan fewer rounds/steps or a smaller batch"
-        ) from None
+            f"{plan.steps} steps at sample rate {plan.sample_rate:.4g}: even noise multiplier "
+            f"{MAX_USEFUL_NOISE:g} spends epsilon {floor:.3g}; raise the target, or plan fewer "
+            "rounds/local steps or a smaller batch"
+        )
+    sigma = get_noise_multiplier(
+        target_epsilon=plan.target_epsilon,
+        target_delta=plan.delta,
+        sample_rate=plan.sample_rate,
+        steps=plan.steps,
+        accountant=plan.accountant,
+        epsilon_tolerance=CALIBRATION_TOLERANCE * plan.target_epsilon,
+    )
     # Opacus's search guarantees eps <= target; check it, since the report relies on it.
     spent = epsilon_of([(sigma, plan.sample_rate, plan.steps)], plan.delta, plan.accountant)
     if spent > plan.target_epsilon:

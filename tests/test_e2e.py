@@ -1,0 +1,99 @@
+"""End to end: `fedgen simulate` runs a real Flower simulation (Ray) on a slice of MNIST."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from fedgen.privacy import epsilon_of
+
+from .conftest import REPO
+
+ROUNDS, CLIENTS, LOCAL_STEPS = 2, 3, 6
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, mnist_dir):
+    out = tmp_path_factory.mktemp("e2e") / "run"
+    cmd = [
+        sys.executable, "-m", "fedgen.cli", "simulate", str(REPO / "configs" / "mnist_gan.yaml"),
+        "--out", str(out),
+        "--set", f"data.root={mnist_dir}",
+        "--set", "data.num_examples=1500",
+        "--set", f"federation.num_clients={CLIENTS}",
+        "--set", f"federation.min_train_clients={CLIENTS}",
+        "--set", f"federation.rounds={ROUNDS}",
+        "--set", f"training.local_steps={LOCAL_STEPS}",
+        "--set", "training.d_steps_per_g_step=3",
+        "--set", "training.batch_size=32",
+        "--set", "model.generator_channels=16",
+        "--set", "model.discriminator_channels=8",
+        "--set", "model.groups=4",
+        "--set", "run.sample_every=1",
+        "--set", "device=cpu",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=420, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "final epsilon" in proc.stdout and str(out) in proc.stdout
+    return out
+
+
+def test_run_directory_holds_every_file(run_dir):
+    for name in (
+        "config.yaml", "manifest.json", "metrics.jsonl", "privacy_report.json",
+        "privacy_report.md", "privacy_epsilon.png",
+    ):  # fmt: skip
+        assert (run_dir / name).is_file(), name
+    for r in range(1, ROUNDS + 1):
+        assert (run_dir / "checkpoints" / f"round_{r:03d}.safetensors").is_file()
+        assert (run_dir / "samples" / f"round_{r:03d}.png").is_file()
+    resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert resolved["federation"]["num_clients"] == CLIENTS  # every key, resolved
+    assert resolved["privacy"]["accountant"] == "rdp"
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    for key in ("fedgen", "torch", "opacus", "flwr", "seed", "start_time", "end_time"):
+        assert manifest[key] not in (None, ""), key
+    assert manifest["flwr"].startswith("1.41") and manifest["status"] == "completed"
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [x["round"] for x in lines] == list(range(1, ROUNDS + 1))
+    assert all(x["clients"] == CLIENTS and x["round_seconds"] > 0 for x in lines)
+    assert all(x["g_loss"] is not None and x["train_seconds"] > 0 for x in lines)
+
+
+def test_privacy_report_is_cumulative_and_recomputable(run_dir):
+    report = json.loads((run_dir / "privacy_report.json").read_text())
+    assert report["accountant"] == "rdp" and report["delta"] == 1e-5
+    assert report["target_epsilon"] == 10.0
+    assert set(report["clients"]) == {str(i) for i in range(CLIENTS)}
+    assert [r["round"] for r in report["rounds"]] == list(range(1, ROUNDS + 1))
+    for cid, client in report["clients"].items():
+        per_round = [r["epsilon"][cid] for r in report["rounds"]]
+        assert 0 < per_round[0] <= per_round[-1] <= report["target_epsilon"]
+        assert all(a <= b for a, b in zip(per_round, per_round[1:]))
+        assert sum(h[2] for h in client["history"]) == ROUNDS * LOCAL_STEPS
+        fresh = epsilon_of([tuple(h) for h in client["history"]], report["delta"], "rdp")
+        assert client["epsilon"] == pytest.approx(fresh, rel=1e-12)
+        assert client["reported_epsilon"] == pytest.approx(fresh, rel=1e-9)
+        assert client["num_examples"] == 1500 // CLIENTS
+    assert report["max_epsilon"] == max(c["epsilon"] for c in report["clients"].values())
+
+
+def test_report_command_prints_the_table(run_dir):
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedgen.cli", "report", str(run_dir)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((run_dir / "privacy_report.json").read_text())
+    assert f"{report['max_epsilon']:.4f}" in proc.stdout
+    assert all(f"{c['epsilon']:.4f}" in proc.stdout for c in report["clients"].values())
+
+
+def test_sample_grid_has_one_row_per_class(run_dir):
+    from PIL import Image
+
+    img = Image.open(run_dir / "samples" / f"round_{ROUNDS:03d}.png")
+    # 10 rows and 8 columns of 28px cells with 2px gaps, scaled by 2.
+    assert img.size == (2 * (8 * 30 + 2), 2 * (10 * 30 + 2))

@@ -1,0 +1,124 @@
+import copy
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+from opacus.validators import ModuleValidator
+from torch.utils.data import DataLoader, TensorDataset
+
+from clients.app import train as client_train
+from fedgen.config import PrivacyConfig
+from fedgen.data import client_partition
+from fedgen.models import Discriminator, build_gan
+from fedgen.privacy import epsilon_of
+from fedgen.training import discriminator_step, make_private_discriminator
+
+from .helpers import small_config
+
+
+def test_discriminator_passes_opacus_validator_unchanged():
+    cfg = small_config()
+    disc = build_gan(cfg.model).discriminator
+    assert ModuleValidator.validate(disc, strict=False) == []
+    assert not any(getattr(m, "inplace", False) for m in disc.modules())
+
+
+def _flat(module):
+    return torch.cat([p.detach().flatten() for p in module.parameters()])
+
+
+def _one_update(x, y, private: bool, clip: float) -> torch.Tensor:
+    torch.manual_seed(0)
+    disc = Discriminator(channels=8, num_classes=10, groups=4)
+    before = _flat(disc).clone()
+    opt = torch.optim.SGD(disc.parameters(), lr=1.0)
+    module = disc
+    if private:
+        loader = DataLoader(TensorDataset(x, y), batch_size=len(x))
+        module, opt, _, _ = make_private_discriminator(
+            disc, opt, loader, PrivacyConfig(max_grad_norm=clip), noise_multiplier=0.0, history=[]
+        )
+    discriminator_step(module, opt, x, y)
+    return _flat(disc) - before
+
+
+def test_clipping_bounds_one_examples_influence(mnist_dir):
+    from fedgen.data import load_mnist, to_tensors
+
+    x, y = to_tensors(load_mnist(mnist_dir, "test", download=False).subset(np.arange(16)))
+    x_big = x.clone()
+    x_big[3] *= 1000.0
+    clip = 1.0
+    change = (_one_update(x, y, True, clip) - _one_update(x_big, y, True, clip)).norm()
+    # With SGD(lr=1) the update is -(sum of clipped per-example grads)/B: changing one
+    # example moves the sum by at most 2C, the update by at most 2C/B.
+    bound = 2 * clip / len(x)
+    assert change <= bound * (1 + 1e-4)
+    assert change > 0.01 * bound  # the example did matter
+    unclipped = (_one_update(x, y, False, clip) - _one_update(x_big, y, False, clip)).norm()
+    assert unclipped > 2 * bound  # without clipping the same change breaks the bound
+
+
+def _train_message(cfg, weights, server_round):
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(weights),
+            "config": ConfigRecord({"fedgen-config": cfg.to_json(), "server-round": server_round}),
+        }
+    )
+    # A message as the SuperNode delivers it to the ClientApp (metadata set by the runtime).
+    metadata = Metadata(
+        run_id=1,
+        message_id=f"m{server_round}",
+        src_node_id=0,
+        dst_node_id=1,
+        reply_to_message_id="",
+        group_id=str(server_round),
+        created_at=time.time(),
+        ttl=3600.0,
+        message_type="train",
+    )
+    return Message(content, metadata=metadata)
+
+
+def test_client_reply_holds_only_weights_scalars_and_its_cumulative_history():
+    cfg = small_config()
+    model = build_gan(cfg.model, seed=0)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    data = client_partition(cfg, 1, cfg.federation.num_clients)
+    context = Context(
+        run_id=1,
+        node_id=1,
+        node_config={"partition-id": 1, "num-partitions": cfg.federation.num_clients},
+        state=RecordDict(),
+        run_config={},
+    )
+    weights = model.state_dict()
+    epsilons = []
+    for server_round in (1, 2, 3):
+        reply = client_train(_train_message(cfg, weights, server_round), context)
+        content = reply.content
+        assert set(content.keys()) == {"arrays", "metrics", "privacy"}
+        arrays = content["arrays"].to_torch_state_dict()
+        # Exactly the model's weights: nothing shaped like an image batch or label vector.
+        assert {k: tuple(v.shape) for k, v in arrays.items()} == shapes
+        for v in arrays.values():
+            assert v.shape[0:1] != (len(data),)
+            assert tuple(v.shape[-3:]) != (1, 28, 28)
+        metrics = dict(content["metrics"])
+        assert all(isinstance(v, (int, float)) for v in metrics.values())
+        assert metrics["num-examples"] == len(data)
+        privacy = dict(content["privacy"])
+        assert all(isinstance(v, (str, int, float)) for v in privacy.values())
+        history = json.loads(privacy["history"])
+        assert all(len(h) == 3 for h in history)
+        # Cumulative: the history covers every round so far, and a fresh accountant agrees.
+        assert sum(h[2] for h in history) == server_round * cfg.training.local_steps
+        recomputed = epsilon_of([tuple(h) for h in history], cfg.privacy.delta, "rdp")
+        assert metrics["epsilon"] == pytest.approx(recomputed, rel=1e-9)
+        epsilons.append(metrics["epsilon"])
+        weights = copy.deepcopy(arrays)
+    assert 0 < epsilons[0] < epsilons[1] < epsilons[2] <= cfg.privacy.target_epsilon
