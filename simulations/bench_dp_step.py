@@ -74,7 +74,7 @@ def main() -> None:
         for _ in range(args.steps)
     ]
     runs = {name: _setup(name == "dp", cfg, args.batch_size, device) for name in ("plain", "dp")}
-    for name, (module, opt) in runs.items():  # warm-up: allocator, kernels, hooks
+    for module, opt in runs.values():  # warm-up: allocator, kernels, hooks
         _trial(module, opt, batches[:3], device)
     rates: dict[str, list[float]] = {"plain": [], "dp": []}
     for _ in range(args.trials):

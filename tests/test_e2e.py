@@ -71,7 +71,7 @@ def test_privacy_report_is_cumulative_and_recomputable(run_dir):
     for cid, client in report["clients"].items():
         per_round = [r["epsilon"][cid] for r in report["rounds"]]
         assert 0 < per_round[0] <= per_round[-1] <= report["target_epsilon"]
-        assert all(a <= b for a, b in zip(per_round, per_round[1:]))
+        assert all(a <= b for a, b in zip(per_round, per_round[1:], strict=False))
         assert sum(h[2] for h in client["history"]) == ROUNDS * LOCAL_STEPS
         fresh = epsilon_of([tuple(h) for h in client["history"]], report["delta"], "rdp")
         assert client["epsilon"] == pytest.approx(fresh, rel=1e-12)
