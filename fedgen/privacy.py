@@ -77,7 +77,9 @@ def calibrate_noise(plan: PlannedBudget) -> float:
     """The smallest noise multiplier whose epsilon after `plan.steps` steps is at most the
     target (and within CALIBRATION_TOLERANCE of it)."""
     # Beyond this noise the model learns nothing: refuse at once rather than search on.
-    floor = epsilon_of([(MAX_USEFUL_NOISE, plan.sample_rate, plan.steps)], plan.delta, plan.accountant)
+    floor = epsilon_of(
+        [(MAX_USEFUL_NOISE, plan.sample_rate, plan.steps)], plan.delta, plan.accountant
+    )
     if floor > plan.target_epsilon:
         raise ValueError(
             f"cannot reach target_epsilon={plan.target_epsilon} at delta={plan.delta} with "

@@ -201,7 +201,6 @@ def train_gan_locally(
     device: torch.device,
     seed: int,
     proximal_mu: float = 0.0,
-    on_step: Callable[[int], None] | None = None,
 ) -> LocalResult:
     """Train `model` for `training.local_steps` discriminator steps on one client's data.
 
@@ -245,8 +244,6 @@ def train_gan_locally(
                         gen, d_module, g_opt, training.batch_size, model.num_classes, prox
                     )
                 )
-            if on_step is not None:
-                on_step(step)
     finally:
         if isinstance(d_module, GradSampleModule):
             d_module._close()  # remove Opacus hooks so the model is plain again

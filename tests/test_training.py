@@ -84,18 +84,23 @@ def _train_message(cfg, weights, server_round):
     return Message(content, metadata=metadata)
 
 
+def _context(cfg, partition_id: int) -> Context:
+    # The context a simulated SuperNode gives its ClientApp; `state` persists across rounds.
+    return Context(
+        run_id=1,
+        node_id=partition_id + 1,
+        node_config={"partition-id": partition_id, "num-partitions": cfg.federation.num_clients},
+        state=RecordDict(),
+        run_config={},
+    )
+
+
 def test_client_reply_holds_only_weights_scalars_and_its_cumulative_history():
     cfg = small_config()
     model = build_gan(cfg.model, seed=0)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     data = client_partition(cfg, 1, cfg.federation.num_clients)
-    context = Context(
-        run_id=1,
-        node_id=1,
-        node_config={"partition-id": 1, "num-partitions": cfg.federation.num_clients},
-        state=RecordDict(),
-        run_config={},
-    )
+    context = _context(cfg, 1)
     weights = model.state_dict()
     epsilons = []
     for server_round in (1, 2, 3):
