@@ -14,7 +14,9 @@ from fedgen.rounds import preflight
 
 def _simulate(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
-    sizes, plan = preflight(cfg)  # fail here, before Ray starts, on bad data or budgets
+    sizes, plan, notices = preflight(cfg)  # fail here, before Ray starts, on bad data or budgets
+    for notice in notices:
+        print(f"[fedgen] WARNING: {notice}", file=sys.stderr)
     run_dir = RunDir.create(cfg, args.out)
     source = args.config or "built-in quickstart (glyphs)"
     print(f"[fedgen] config: {source}")

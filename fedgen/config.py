@@ -124,7 +124,9 @@ class TrainingConfig(_Section):
         5, ge=1, description="Discriminator steps between two generator steps."
     )
     batch_size: int = Field(
-        64, ge=1, description="Expected (Poisson) batch size; sample rate = batch_size / n."
+        64,
+        ge=1,
+        description="Poisson batch size; sample rate = 1/ceil(n/batch_size) (Opacus's rule).",
     )
     lr_discriminator: float = Field(2e-4, gt=0.0, le=1.0, description="Adam lr of D.")
     lr_generator: float = Field(2e-4, gt=0.0, le=1.0, description="Adam lr of G.")
@@ -144,6 +146,11 @@ class PrivacyConfig(_Section):
     )
     max_grad_norm: float = Field(1.0, gt=0.0, description="Per-example clipping bound C.")
     accountant: Literal["rdp", "prv"] = Field("rdp", description="Opacus accountant.")
+    reproducible_noise: bool = Field(
+        False,
+        description="Seed DP noise and Poisson sampling from `seed` (tests, research). The "
+        "server knows the seed, so this voids the guarantee against it; off: OS entropy.",
+    )
 
 
 class FedgenConfig(_Section):

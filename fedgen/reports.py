@@ -50,7 +50,15 @@ def write_atomic(path: Path, data: bytes | str) -> None:
         tmp.write(payload)
         tmp.flush()
         os.fsync(tmp.fileno())
+    _plain_mode(Path(tmp.name))
     os.replace(tmp.name, path)
+
+
+def _plain_mode(path: Path) -> None:
+    # Temporary files are created 0600; give the file the mode a plain open() would.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def _now() -> str:

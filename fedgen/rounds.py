@@ -72,21 +72,26 @@ def plan_privacy(cfg: FedgenConfig, num_examples: int) -> ClientPrivacyState:
     return ClientPrivacyState(sigma, q, steps, [])
 
 
-def preflight(cfg: FedgenConfig) -> tuple[list[int], ClientPrivacyState]:
+def preflight(cfg: FedgenConfig) -> tuple[list[int], ClientPrivacyState, list[str]]:
     """Check, before any process starts, that the data is there, every client can train
-    and the privacy target is reachable: returns the client sizes and the smallest client's
-    privacy plan (the noisiest one). Raises DataError or ValueError with the fix."""
+    and the privacy target is reachable: returns the client sizes, the smallest client's
+    privacy plan (the noisiest one) and warnings. Raises DataError or ValueError with the fix."""
     data = load_dataset(cfg.data, "train", seed=cfg.seed)
     sizes = [len(p) for p in federated_partitions(cfg, data.labels, cfg.federation.num_clients)]
     smallest = min(sizes)
     plan = plan_privacy(cfg, smallest)
+    notices = []
     if cfg.privacy.enabled and cfg.privacy.delta >= 1.0 / smallest:
-        warnings.warn(
+        notices.append(
             f"privacy.delta={cfg.privacy.delta:g} is not below 1/n={1.0 / smallest:.2g} of the "
-            "smallest client: such a delta permits leaking whole examples; lower it",
-            stacklevel=2,
+            "smallest client: such a delta permits leaking whole examples; lower it"
         )
-    return sizes, plan
+    if cfg.privacy.enabled and cfg.privacy.reproducible_noise:
+        notices.append(
+            "privacy.reproducible_noise is on: the DP noise is seeded from the config, which the "
+            "server knows, so the epsilon holds only against outsiders"
+        )
+    return sizes, plan, notices
 
 
 def client_seed(seed: int, client_index: int, server_round: int) -> int:
@@ -170,7 +175,7 @@ class RoundRecorder:
             last = server_round == self.cfg.federation.rounds
             if server_round % self.cfg.run.sample_every == 0 or last:
                 self.save_samples(server_round, state)
-        metrics_keys = ("d_loss_fake", "g_loss", "train_seconds", "samples_per_second")
+        metrics_keys = ("d_loss_fake", "g_loss")
         line: dict[str, Any] = {
             "round": server_round,
             "round_seconds": time.perf_counter() - self._round_start,

@@ -7,18 +7,22 @@ Why this is private (sample level, per client):
 - The discriminator's loss on *fake* images and the FedProx proximal term depend only on
   the generator, the current (already privatised) weights and fresh randomness. Their
   gradient is added after clipping and noising, so it is post-processing of DP outputs:
-  it costs no privacy and is neither clipped nor noised (Opacus issue #418 makes the same
-  point about the DCGAN example, which clips real and fake gradients together).
+  it costs no privacy and is not noised (Opacus issue #418 makes the same point about the
+  DCGAN example, which clips real and fake gradients together). The fake-image gradient
+  is clipped per example at the same bound, for balance only (see _clipped_mean_grad).
 - The generator sees private data only through the discriminator's weights, so its
   updates are post-processing too.
 - Metrics that leave the client are computed on generated data only (the loss on real
-  images is not reported: it is an un-noised statistic of private data).
+  images is not reported: it is an un-noised statistic of private data; neither are
+  timings, which depend on the sampled batches).
+- The DP randomness (noise, Poisson sampling) comes from OS entropy on the client, unless
+  `privacy.reproducible_noise` asks for seeded, replayable runs.
 """
 
 from __future__ import annotations
 
 import contextlib
-import time
+import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -74,6 +78,15 @@ def _hooks_off(module: nn.Module) -> Iterator[None]:
         yield
 
 
+def dp_generator(device: torch.device, seed: int | None) -> torch.Generator:
+    """Randomness of the DP mechanism (noise, Poisson sampling). Unless a seed is given for
+    reproducibility, it comes from OS entropy on the client: a noise stream anyone can
+    regenerate from the run's config could be subtracted again."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed if seed is not None else secrets.randbits(63))
+    return gen
+
+
 def make_private_discriminator(
     discriminator: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -81,8 +94,17 @@ def make_private_discriminator(
     privacy: PrivacyConfig,
     noise_multiplier: float,
     history: list[HistoryEntry],
+    seed: int | None = None,
 ) -> tuple[nn.Module, torch.optim.Optimizer, DataLoader, PrivacyEngine]:
-    """Wrap D for DP-SGD with Poisson sampling; the accountant continues `history`."""
+    """Wrap D for DP-SGD with Poisson sampling; the accountant continues `history`.
+    `seed` fixes the DP randomness (only with privacy.reproducible_noise)."""
+    device = next(discriminator.parameters()).device
+    # Opacus's Poisson sampler draws from the loader's generator (a CPU one).
+    loader = DataLoader(
+        loader.dataset,
+        batch_size=loader.batch_size,
+        generator=dp_generator(torch.device("cpu"), seed),
+    )
     engine = PrivacyEngine(accountant=privacy.accountant)
     engine.accountant.history = [tuple(h) for h in history]
     module, dp_optimizer, dp_loader = engine.make_private(
@@ -92,6 +114,7 @@ def make_private_discriminator(
         noise_multiplier=noise_multiplier,
         max_grad_norm=privacy.max_grad_norm,
         poisson_sampling=True,
+        noise_generator=dp_generator(device, None if seed is None else seed + 1),
     )
     return module, dp_optimizer, dp_loader, engine
 
@@ -103,6 +126,18 @@ def _bce(logits: torch.Tensor, target: float) -> torch.Tensor:
         logits, torch.full_like(logits, target), reduction="sum"
     )
     return loss / max(1, logits.shape[0])
+
+
+def _clipped_mean_grad(params: list[nn.Parameter], max_norm: float) -> list[torch.Tensor]:
+    """Mean of per-example gradients clipped to `max_norm` (read from Opacus's grad_sample).
+
+    Used for the fake-image gradient under DP: not for privacy (it reads no private data,
+    and is not noised) but for balance. Unclipped, it dwarfs the clipped real-image
+    gradient and the discriminator learns little more than "everything is fake"."""
+    samples = [p.grad_sample for p in params]
+    norms = torch.stack([g.flatten(1).norm(dim=1) for g in samples], dim=1).norm(dim=1)
+    factor = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    return [torch.einsum("i,i...->...", factor, g) / len(factor) for g in samples]
 
 
 def discriminator_step(
@@ -123,13 +158,16 @@ def discriminator_step(
     public: list[torch.Tensor] | None = None
     fake_loss = 0.0
     if fake is not None:
-        with _hooks_off(disc):
-            loss = _bce(disc(fake, fake_labels), 0.0)
-            loss.backward()
+        loss = _bce(disc(fake, fake_labels), 0.0)
+        loss.backward()
         fake_loss = float(loss.detach())
-        public = [
-            p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params
-        ]
+        if is_dp:
+            public = _clipped_mean_grad(params, optimizer.max_grad_norm)
+        else:
+            public = [
+                p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+                for p in params
+            ]
         optimizer.zero_grad(set_to_none=True)
     _bce(disc(real, real_labels), 1.0).backward()
     if is_dp and not optimizer.pre_step():  # clip per example, add noise, account
@@ -221,11 +259,16 @@ def train_gan_locally(
     d_module: nn.Module = disc
     if privacy.enabled:
         d_module, d_opt, loader, engine = make_private_discriminator(
-            disc, d_opt, loader, privacy, noise_multiplier, history
+            disc,
+            d_opt,
+            loader,
+            privacy,
+            noise_multiplier,
+            history,
+            seed=seed if privacy.reproducible_noise else None,
         )
     batches = _batches(loader)
     d_losses, g_losses = [], []
-    start = time.perf_counter()
     try:
         for step in range(training.local_steps):
             real, real_labels = next(batches)
@@ -247,15 +290,12 @@ def train_gan_locally(
     finally:
         if isinstance(d_module, GradSampleModule):
             d_module._close()  # remove Opacus hooks so the model is plain again
-    seconds = time.perf_counter() - start
     new_history = list(engine.accountant.history) if engine is not None else list(history)
     metrics = {
         "d_loss_fake": sum(d_losses) / len(d_losses),
         "g_loss": sum(g_losses) / len(g_losses) if g_losses else float("nan"),
         "d_steps": float(training.local_steps),
         "g_steps": float(len(g_losses)),
-        "train_seconds": seconds,
-        "samples_per_second": training.local_steps * training.batch_size / max(seconds, 1e-9),
     }
     if privacy.enabled:
         metrics["epsilon"] = epsilon_of(new_history, privacy.delta, privacy.accountant)

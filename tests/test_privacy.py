@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from fedgen.data import client_partition
 from fedgen.models import build_gan
@@ -47,3 +48,20 @@ def test_unreachable_target_is_a_clear_error():
 def test_batch_larger_than_client_data_is_a_clear_error():
     with pytest.raises(ValueError, match="batch_size=64 exceeds"):
         sample_rate_for(64, 10)
+
+
+def _one_round(cfg):
+    data = client_partition(cfg, 0, cfg.federation.num_clients)
+    result, _ = client_round(
+        cfg, build_gan(cfg.model, seed=0).state_dict(), data, plan_privacy(cfg, len(data)), seed=5
+    )
+    return result.state_dict["discriminator.head.weight"]
+
+
+def test_dp_noise_is_secret_unless_reproducibility_is_asked_for():
+    # Default: the noise comes from OS entropy, so the server (which knows the seed and
+    # the config) cannot replay it; same seed, different noise.
+    cfg = small_config()
+    assert not torch.equal(_one_round(cfg), _one_round(cfg))
+    seeded = small_config("privacy.reproducible_noise=true")
+    assert torch.equal(_one_round(seeded), _one_round(seeded))
