@@ -119,25 +119,33 @@ def make_private_discriminator(
     return module, dp_optimizer, dp_loader, engine
 
 
-def _bce(logits: torch.Tensor, target: float) -> torch.Tensor:
-    # Sum over the batch divided by max(n, 1): the mean for n >= 1, and 0 (not NaN) for the
-    # empty batches Poisson sampling sometimes draws.
-    loss = F.binary_cross_entropy_with_logits(
+def _bce_terms(logits: torch.Tensor, target: float) -> torch.Tensor:
+    """Summed binary cross-entropy of logits against a constant target."""
+    return F.binary_cross_entropy_with_logits(
         logits, torch.full_like(logits, target), reduction="sum"
     )
-    return loss / max(1, logits.shape[0])
 
 
-def _clipped_mean_grad(params: list[nn.Parameter], max_norm: float) -> list[torch.Tensor]:
-    """Mean of per-example gradients clipped to `max_norm` (read from Opacus's grad_sample).
+def _bce(logits: torch.Tensor, target: float) -> torch.Tensor:
+    # Mean that is 0 (not NaN) on the empty batches Poisson sampling sometimes draws.
+    return _bce_terms(logits, target) / max(1, logits.shape[0])
 
-    Used for the fake-image gradient under DP: not for privacy (it reads no private data,
-    and is not noised) but for balance. Unclipped, it dwarfs the clipped real-image
-    gradient and the discriminator learns little more than "everything is fake"."""
-    samples = [p.grad_sample for p in params]
-    norms = torch.stack([g.flatten(1).norm(dim=1) for g in samples], dim=1).norm(dim=1)
+
+def _split_fake_rows(
+    params: list[nn.Parameter], n_real: int, max_norm: float
+) -> list[torch.Tensor]:
+    """Keep the real rows of each per-example gradient for Opacus to clip and noise, and
+    return the mean of the fake rows, each clipped to `max_norm`.
+
+    Clipping the fake rows is for balance, not privacy (they read no private data and get
+    no noise): unclipped, they dwarf the clipped real-image gradient and the discriminator
+    learns little more than "everything generated is fake"."""
+    fake_rows = [p.grad_sample[n_real:] for p in params]
+    for p in params:
+        p.grad_sample = p.grad_sample[:n_real]
+    norms = torch.stack([g.flatten(1).norm(dim=1) for g in fake_rows], dim=1).norm(dim=1)
     factor = (max_norm / (norms + 1e-6)).clamp(max=1.0)
-    return [torch.einsum("i,i...->...", factor, g) / len(factor) for g in samples]
+    return [torch.einsum("i,i...->...", factor, g) / len(factor) for g in fake_rows]
 
 
 def discriminator_step(
@@ -149,29 +157,30 @@ def discriminator_step(
     fake_labels: torch.Tensor | None = None,
     extra_grads: ExtraGrads | None = None,
 ) -> float:
-    """One discriminator update. Under DP only the real-image gradient is clipped and
-    noised; the fake-image gradient and `extra_grads` are added afterwards (see module doc).
-    Returns the loss on fake images."""
+    """One discriminator update on a real batch (and optionally a fake one).
+
+    Real and fake images go through one forward/backward pass. Under DP, Opacus clips and
+    noises the real rows only; the fake rows' (clipped) mean and `extra_grads` are added
+    after the noise (see the module doc). Returns the mean loss on fake images."""
     is_dp = isinstance(optimizer, DPOptimizer)
     params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
     optimizer.zero_grad(set_to_none=True)
-    public: list[torch.Tensor] | None = None
-    fake_loss = 0.0
-    if fake is not None:
-        loss = _bce(disc(fake, fake_labels), 0.0)
-        loss.backward()
-        fake_loss = float(loss.detach())
-        if is_dp:
-            public = _clipped_mean_grad(params, optimizer.max_grad_norm)
-        else:
-            public = [
-                p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
-                for p in params
-            ]
-        optimizer.zero_grad(set_to_none=True)
-    _bce(disc(real, real_labels), 1.0).backward()
+    n_real = real.shape[0]
+    n_fake = 0 if fake is None else fake.shape[0]
+    images = real if fake is None else torch.cat([real, fake])
+    labels = real_labels if fake is None else torch.cat([real_labels, fake_labels])
+    logits = disc(images, labels)
+    fake_sum = _bce_terms(logits[n_real:], 0.0)
+    if is_dp:
+        # Sum over rows / rows: Opacus rescales by the rows of the pass, so each row's
+        # grad_sample is exactly that example's gradient (and an empty real batch is 0).
+        loss = (_bce_terms(logits[:n_real], 1.0) + fake_sum) / max(1, n_real + n_fake)
+    else:
+        loss = _bce_terms(logits[:n_real], 1.0) / max(1, n_real) + fake_sum / max(1, n_fake)
+    loss.backward()
+    public = _split_fake_rows(params, n_real, optimizer.max_grad_norm) if is_dp and n_fake else None
     if is_dp and not optimizer.pre_step():  # clip per example, add noise, account
-        return fake_loss
+        return float(fake_sum.detach()) / max(1, n_fake)
     if public is not None or extra_grads is not None:
         extra = extra_grads(params) if extra_grads is not None else None
         for i, p in enumerate(params):
@@ -182,7 +191,7 @@ def discriminator_step(
             if extra is not None:
                 p.grad.add_(extra[i])
     (optimizer.original_optimizer if is_dp else optimizer).step()
-    return fake_loss
+    return float(fake_sum.detach()) / max(1, n_fake)
 
 
 def generator_step(
