@@ -9,7 +9,7 @@ Why this is private (sample level, per client):
   gradient is added after clipping and noising, so it is post-processing of DP outputs:
   it costs no privacy and is not noised (Opacus issue #418 makes the same point about the
   DCGAN example, which clips real and fake gradients together). The fake-image gradient
-  is clipped per example at the same bound, for balance only (see _clipped_mean_grad).
+  is clipped per example at the same bound, for balance only (see _split_fake_rows).
 - The generator sees private data only through the discriminator's weights, so its
   updates are post-processing too.
 - Metrics that leave the client are computed on generated data only (the loss on real
