@@ -59,7 +59,13 @@ def train(msg: Message, context: Context) -> Message:
     privacy = _load_privacy_state(context, cfg, len(data))
     global_state = msg.content["arrays"].to_torch_state_dict()
     result, privacy = client_round(
-        cfg, global_state, data, privacy, client_seed(cfg.seed, pid, server_round), proximal_mu
+        cfg,
+        global_state,
+        data,
+        privacy,
+        client_seed(cfg.seed, pid, server_round),
+        proximal_mu,
+        server_round,
     )
     # The accountant's history lives in the node's state for the whole run, so the
     # epsilon after round r covers rounds 1..r.
@@ -76,6 +82,8 @@ def train(msg: Message, context: Context) -> Message:
             "planned-steps": privacy.planned_steps,
             # [[noise_multiplier, sample_rate, steps], ...]: the whole accountant history.
             "history": json.dumps([list(h) for h in privacy.history]),
+            # {"gan": steps} or {"vqvae": steps, "prior": steps}: which stage spent what.
+            "stage-steps": json.dumps(privacy.stage_steps),
         }
     )
     content = RecordDict(

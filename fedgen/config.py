@@ -40,8 +40,14 @@ class RunConfig(_Section):
     out_dir: str = Field(
         "runs", description="Parent folder of run directories (the CLI's --out picks one exactly)."
     )
-    sample_every: int = Field(
-        1, ge=1, description="Save a grid of generated samples every this many rounds."
+    eval_every: int = Field(
+        1,
+        ge=1,
+        description="Evaluate on the real test set and save sample grids every this many "
+        "rounds (and after the last).",
+    )
+    eval_examples: int = Field(
+        1000, ge=10, description="Test images used by the per-round evaluation."
     )
     samples_per_class: int = Field(8, ge=1, le=32, description="Columns of the sample grid.")
 
@@ -68,7 +74,15 @@ class DataConfig(_Section):
 
 class FederationConfig(_Section):
     num_clients: int = Field(4, ge=1, le=10_000, description="Simulated clients (SuperNodes).")
-    rounds: int = Field(5, ge=1, le=100_000, description="Federated rounds.")
+    rounds: int = Field(
+        5, ge=1, le=100_000, description="Federated rounds (VQ-VAE: rounds of the autoencoder)."
+    )
+    prior_rounds: int = Field(
+        0,
+        ge=0,
+        le=100_000,
+        description="VQ-VAE only: rounds training the code prior, after `rounds`.",
+    )
     fraction_train: float = Field(
         1.0, gt=0.0, le=1.0, description="Fraction of clients sampled for each round."
     )
@@ -103,7 +117,9 @@ class FederationConfig(_Section):
 
 
 class ModelConfig(_Section):
-    type: Literal["gan"] = Field("gan", description="Model family.")
+    type: Literal["gan", "vqvae"] = Field(
+        "gan", description="Model family: class-conditional GAN, or VQ-VAE with a code prior."
+    )
     latent_dim: int = Field(64, ge=1, le=4096, description="Generator noise dimension.")
     generator_channels: int = Field(
         64, ge=4, le=1024, description="Generator width (channels of its 14x14 layer)."
@@ -114,11 +130,24 @@ class ModelConfig(_Section):
     groups: int = Field(
         8, ge=1, description="GroupNorm groups (must divide both widths' larger layers)."
     )
+    vq_channels: int = Field(
+        32, ge=4, le=1024, description="VQ-VAE encoder/decoder width (channels at 14x14)."
+    )
+    codebook_size: int = Field(64, ge=2, le=65536, description="VQ-VAE codebook entries K.")
+    code_dim: int = Field(16, ge=1, le=1024, description="VQ-VAE code vector dimension.")
+    commitment: float = Field(0.25, ge=0.0, description="VQ-VAE commitment loss weight (beta).")
+    prior_channels: int = Field(
+        64, ge=4, le=1024, description="Code prior (masked PixelCNN) width."
+    )
+    prior_layers: int = Field(4, ge=2, le=32, description="Code prior masked convolution layers.")
 
 
 class TrainingConfig(_Section):
     local_steps: int = Field(
-        50, ge=1, description="Discriminator (DP-SGD) steps per client per round."
+        50, ge=1, description="DP-SGD steps per client per round (GAN: discriminator steps)."
+    )
+    prior_local_steps: int | None = Field(
+        None, ge=1, description="VQ-VAE: DP-SGD steps per prior round (unset: local_steps)."
     )
     d_steps_per_g_step: int = Field(
         5, ge=1, description="Discriminator steps between two generator steps."
@@ -130,11 +159,16 @@ class TrainingConfig(_Section):
     )
     lr_discriminator: float = Field(2e-4, gt=0.0, le=1.0, description="Adam lr of D.")
     lr_generator: float = Field(2e-4, gt=0.0, le=1.0, description="Adam lr of G.")
-    beta1: float = Field(0.5, ge=0.0, lt=1.0, description="Adam beta1 for both networks.")
+    beta1: float = Field(0.5, ge=0.0, lt=1.0, description="Adam beta1 of the GAN's networks.")
+    lr_vqvae: float = Field(1e-3, gt=0.0, le=1.0, description="Adam lr of the VQ-VAE.")
+    lr_prior: float = Field(1e-3, gt=0.0, le=1.0, description="Adam lr of the code prior.")
 
 
 class PrivacyConfig(_Section):
-    enabled: bool = Field(True, description="Train the discriminator with DP-SGD.")
+    enabled: bool = Field(
+        True,
+        description="Train with DP-SGD (GAN: the discriminator; VQ-VAE: autoencoder and prior).",
+    )
     target_epsilon: float = Field(
         10.0, gt=0.0, le=1000.0, description="Epsilon per client after all planned rounds."
     )
@@ -168,7 +202,12 @@ class FedgenConfig(_Section):
     @model_validator(mode="after")
     def _cross_checks(self) -> FedgenConfig:
         fed, model, tr = self.federation, self.model, self.training
-        if tr.d_steps_per_g_step > tr.local_steps:
+        if model.type == "gan" and fed.prior_rounds:
+            raise ValueError(
+                f"federation.prior_rounds={fed.prior_rounds} applies to model.type=vqvae only; "
+                "set it to 0 for the GAN"
+            )
+        if model.type == "gan" and tr.d_steps_per_g_step > tr.local_steps:
             raise ValueError(
                 f"training.d_steps_per_g_step={tr.d_steps_per_g_step} exceeds "
                 f"training.local_steps={tr.local_steps}: the generator would never train; "
@@ -179,14 +218,38 @@ class FedgenConfig(_Section):
                 f"federation.min_train_clients={fed.min_train_clients} exceeds "
                 f"federation.num_clients={fed.num_clients}; lower it or add clients"
             )
+        if model.type == "vqvae" and model.vq_channels % model.groups:
+            raise ValueError(
+                f"model.groups={model.groups} must divide model.vq_channels={model.vq_channels}; "
+                "pick groups among its divisors"
+            )
         for key in ("generator_channels", "discriminator_channels"):
             width = getattr(model, key)
-            if (2 * width) % model.groups:
+            if model.type == "gan" and (2 * width) % model.groups:
                 raise ValueError(
                     f"model.groups={model.groups} must divide 2*model.{key}={2 * width}; "
                     "pick groups among its divisors"
                 )
         return self
+
+    @property
+    def total_rounds(self) -> int:
+        return self.federation.rounds + self.federation.prior_rounds
+
+    @property
+    def planned_steps(self) -> int:
+        """DP steps a client takes if it joins every round: what the noise is planned for."""
+        prior_steps = self.training.prior_local_steps or self.training.local_steps
+        return (
+            self.federation.rounds * self.training.local_steps
+            + self.federation.prior_rounds * prior_steps
+        )
+
+    def stage(self, server_round: int) -> str:
+        """What a round trains: `gan`, or `vqvae` then `prior`."""
+        if self.model.type == "gan":
+            return "gan"
+        return "vqvae" if server_round <= self.federation.rounds else "prior"
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

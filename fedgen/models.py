@@ -12,7 +12,14 @@ from torch import nn
 
 from fedgen.config import ModelConfig
 
-__all__ = ["Generator", "Discriminator", "ConditionalGAN", "build_gan"]
+__all__ = [
+    "Generator",
+    "Discriminator",
+    "ConditionalGAN",
+    "VQVAEWithPrior",
+    "build_gan",
+    "build_model",
+]
 
 IMAGE_SIZE = 28
 
@@ -94,4 +101,37 @@ class ConditionalGAN(nn.Module):
 def build_gan(cfg: ModelConfig, num_classes: int = 10, seed: int | None = None) -> ConditionalGAN:
     if seed is not None:
         torch.manual_seed(seed)
+    return ConditionalGAN(cfg, num_classes)
+
+
+class VQVAEWithPrior(nn.Module):
+    """A VQ-VAE and the class-conditional prior over its codes, in one state_dict
+    (`vqvae.*`, `prior.*`): the server aggregates both, whichever stage a round trains."""
+
+    def __init__(self, cfg: ModelConfig, num_classes: int = 10) -> None:
+        super().__init__()
+        from fedgen.vqvae import VQVAE, CodePrior
+
+        self.vqvae = VQVAE(cfg)
+        self.prior = CodePrior(cfg, num_classes)
+        self.num_classes = num_classes
+
+    @torch.no_grad()
+    def sample(
+        self, labels: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        was_training = self.training
+        self.eval()
+        codes = self.prior.sample(labels, generator=generator)
+        out = self.vqvae.decode_codes(codes)
+        self.train(was_training)
+        return out
+
+
+def build_model(cfg: ModelConfig, num_classes: int = 10, seed: int | None = None) -> nn.Module:
+    """The configured model family; every family has `sample(labels, generator)`."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    if cfg.type == "vqvae":
+        return VQVAEWithPrior(cfg, num_classes)
     return ConditionalGAN(cfg, num_classes)

@@ -117,6 +117,7 @@ class PrivacyLedger:
                 "steps": sum(h[2] for h in history),
                 "rounds_participated": self.clients.get(cid, {}).get("rounds_participated", 0) + 1,
                 "history": history,
+                "stage_steps": dict(rep.get("stage_steps", {})),
             }
             entry["epsilon"][cid] = recomputed
         self.rounds.append(entry)
@@ -140,9 +141,10 @@ class PrivacyLedger:
                 if p.enabled
                 else "none: privacy.enabled is false"
             ),
-            "mechanism": "DP-SGD (Opacus) on the discriminator's real-image gradient, Poisson sampling",
-            "rounds_planned": self.cfg.federation.rounds,
+            "mechanism": MECHANISMS[self.cfg.model.type],
+            "rounds_planned": self.cfg.total_rounds,
             "local_steps_per_round": self.cfg.training.local_steps,
+            "planned_steps": self.cfg.planned_steps,
             "rounds": self.rounds,
             "clients": dict(sorted(self.clients.items(), key=lambda kv: _client_sort_key(kv[0]))),
             "recompute": (
@@ -150,6 +152,14 @@ class PrivacyLedger:
                 "acc.history = [tuple(h) for h in history]; acc.get_epsilon(delta)"
             ),
         }
+
+
+MECHANISMS = {
+    "gan": "DP-SGD (Opacus) on the discriminator's real-image gradient, Poisson sampling",
+    "vqvae": "DP-SGD (Opacus) on every VQ-VAE parameter (codebook included), then on the "
+    "code prior trained on the client's own codes; both stages in one accountant history, "
+    "Poisson sampling",
+}
 
 
 def _client_sort_key(cid: str) -> tuple[int, str]:
@@ -260,10 +270,14 @@ class RunDir:
         os.replace(tmp, path)
         return path
 
-    def latest_checkpoint(self) -> tuple[int, dict[str, torch.Tensor]]:
+    def checkpoint(self, server_round: int | None = None) -> tuple[int, dict[str, torch.Tensor]]:
+        """The global weights after `server_round` (default: the latest round)."""
         found = sorted(self.checkpoints.glob("round_*.safetensors"))
+        if server_round is not None:
+            found = [p for p in found if int(p.stem.split("_")[1]) == server_round]
         if not found:
-            raise FileNotFoundError(f"no checkpoint in {self.checkpoints}")
+            which = "" if server_round is None else f" of round {server_round}"
+            raise FileNotFoundError(f"no checkpoint{which} in {self.checkpoints}")
         return int(found[-1].stem.split("_")[1]), load_file(str(found[-1]))
 
     def write_privacy_report(self, ledger: PrivacyLedger) -> None:
@@ -284,7 +298,8 @@ def _privacy_markdown(report: dict[str, Any]) -> str:
         f"- target epsilon: `{report['target_epsilon']}`, max epsilon over clients: "
         f"`{report['max_epsilon']}`",
         f"- rounds planned: {report['rounds_planned']}, DP steps per round: "
-        f"{report['local_steps_per_round']}",
+        f"{report['local_steps_per_round']}, DP steps planned per client: "
+        f"{report['planned_steps']}",
         f"- recompute: `{report['recompute']}`",
         "",
         "| client | epsilon | examples | noise multiplier | sample rate | steps (done/planned) | rounds |",
@@ -296,8 +311,15 @@ def _privacy_markdown(report: dict[str, Any]) -> str:
             f"| {cid} | {eps} | {c['num_examples']} | {c['noise_multiplier']:.4f} | "
             f"{c['sample_rate']:.5f} | {c['steps']}/{c['planned_steps']} | {c['rounds_participated']} |"
         )
-    lines += ["", "History per client, `[noise_multiplier, sample_rate, steps]`:", ""]
-    lines += [f"- {cid}: `{c['history']}`" for cid, c in report["clients"].items()]
+    lines += [
+        "",
+        "History per client, `[noise_multiplier, sample_rate, steps]`, and steps per stage:",
+        "",
+    ]
+    lines += [
+        f"- {cid}: `{c['history']}`; stages `{c.get('stage_steps', {})}`"
+        for cid, c in report["clients"].items()
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -6,17 +6,25 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
 from fedgen.config import FedgenConfig
 from fedgen.data import NUM_CLASSES, Dataset, federated_partitions, load_dataset, to_tensors
-from fedgen.models import ConditionalGAN, build_gan
-from fedgen.privacy import HistoryEntry, PlannedBudget, calibrate_noise, sample_rate_for
-from fedgen.reports import PrivacyLedger, RunDir, save_image_grid
-from fedgen.training import LocalResult, resolve_device, train_gan_locally
+from fedgen.evaluation import Evaluator
+from fedgen.models import build_model
+from fedgen.privacy import (
+    HistoryEntry,
+    PlannedBudget,
+    calibrate_noise,
+    epsilon_of,
+    sample_rate_for,
+)
+from fedgen.reports import PrivacyLedger, RunDir
+from fedgen.training import LocalResult, resolve_device, train_dp_locally, train_gan_locally
+from fedgen.vqvae import encode_codes, prior_loss, vqvae_loss
 
 __all__ = [
     "ClientPrivacyState",
@@ -41,6 +49,9 @@ class ClientPrivacyState:
     sample_rate: float
     planned_steps: int
     history: list[HistoryEntry]
+    # DP steps per training stage (`gan`, or `vqvae` and `prior`): the accountant merges
+    # equal consecutive entries, so its history alone does not tell the stages apart.
+    stage_steps: dict[str, int] = field(default_factory=dict)
 
     def to_plain(self) -> dict[str, Any]:
         d = asdict(self)
@@ -54,6 +65,7 @@ class ClientPrivacyState:
             float(d["sample_rate"]),
             int(d["planned_steps"]),
             [(float(s), float(q), int(n)) for s, q, n in d["history"]],
+            {str(k): int(v) for k, v in d.get("stage_steps", {}).items()},
         )
 
 
@@ -61,7 +73,7 @@ def plan_privacy(cfg: FedgenConfig, num_examples: int) -> ClientPrivacyState:
     """Calibrate the noise before the first round: planned for every round and local step,
     so that the epsilon after all of them reaches the target and never exceeds it."""
     q = sample_rate_for(cfg.training.batch_size, num_examples)
-    steps = cfg.federation.rounds * cfg.training.local_steps
+    steps = cfg.planned_steps  # both stages of a VQ-VAE share one budget
     p = cfg.privacy
     if not p.enabled:
         sigma = 0.0
@@ -105,23 +117,89 @@ def client_round(
     privacy: ClientPrivacyState,
     seed: int,
     proximal_mu: float = 0.0,
+    server_round: int = 1,
 ) -> tuple[LocalResult, ClientPrivacyState]:
-    """Train the global model on one client's data for one round."""
+    """Train the global model on one client's data for one round of its stage."""
+    stage = cfg.stage(server_round)
+    steps = cfg.training.local_steps
+    if stage == "prior":
+        steps = cfg.training.prior_local_steps or steps
     spent = sum(h[2] for h in privacy.history)
-    if cfg.privacy.enabled and spent + cfg.training.local_steps > privacy.planned_steps:
+    if cfg.privacy.enabled and spent + steps > privacy.planned_steps:
         raise RuntimeError(
             f"this client has done {spent} of its {privacy.planned_steps} planned DP steps; another "
             "round would exceed the budget its noise was calibrated for"
         )
     device = resolve_device(cfg.device)
-    model = build_gan(cfg.model, NUM_CLASSES)
+    model = build_model(cfg.model, NUM_CLASSES)
     model.load_state_dict(global_state)
     images, labels = to_tensors(data)
-    result = train_gan_locally(
-        model,
-        images,
-        labels,
-        cfg.training,
+    if stage == "gan":
+        result = train_gan_locally(
+            model,
+            images,
+            labels,
+            cfg.training,
+            cfg.privacy,
+            privacy.noise_multiplier,
+            privacy.history,
+            device,
+            seed,
+            proximal_mu,
+        )
+    else:
+        result = _train_vqvae_stage(
+            cfg, model, stage, steps, images, labels, privacy, device, seed, proximal_mu
+        )
+    stage_steps = dict(privacy.stage_steps)
+    if cfg.privacy.enabled:
+        stage_steps[stage] = stage_steps.get(stage, 0) + steps
+    new_state = ClientPrivacyState(
+        privacy.noise_multiplier,
+        privacy.sample_rate,
+        privacy.planned_steps,
+        result.history,
+        stage_steps,
+    )
+    return result, new_state
+
+
+def _train_vqvae_stage(
+    cfg: FedgenConfig,
+    model: torch.nn.Module,
+    stage: str,
+    steps: int,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    privacy: ClientPrivacyState,
+    device: torch.device,
+    seed: int,
+    proximal_mu: float,
+) -> LocalResult:
+    """A VQ-VAE round trains the whole autoencoder with DP-SGD (every part of it touches
+    private images); a prior round encodes the client's images with the global encoder,
+    on the client, and trains the prior on those codes with DP-SGD."""
+    tr = cfg.training
+    if stage == "vqvae":
+        module: torch.nn.Module = model.vqvae
+        tensors: tuple[torch.Tensor, ...] = (images,)
+        lr = tr.lr_vqvae
+
+        def loss_fn(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+            return vqvae_loss(m, x)[0]
+
+    else:
+        model.vqvae.to(device).eval()
+        codes = encode_codes(model.vqvae, images.to(device)).cpu()  # private: never sent
+        module, tensors, lr = model.prior, (codes, labels), tr.lr_prior
+        loss_fn = prior_loss
+    history = train_dp_locally(
+        module,
+        tensors,
+        loss_fn,
+        steps,
+        tr.batch_size,
+        lr,
         cfg.privacy,
         privacy.noise_multiplier,
         privacy.history,
@@ -129,10 +207,11 @@ def client_round(
         seed,
         proximal_mu,
     )
-    new_state = ClientPrivacyState(
-        privacy.noise_multiplier, privacy.sample_rate, privacy.planned_steps, result.history
-    )
-    return result, new_state
+    metrics = {"steps": float(steps)}
+    if cfg.privacy.enabled:
+        metrics["epsilon"] = epsilon_of(history, cfg.privacy.delta, cfg.privacy.accountant)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return LocalResult(state, metrics, history)
 
 
 class RoundRecorder:
@@ -143,22 +222,19 @@ class RoundRecorder:
         self.cfg = cfg
         self.run_dir = run_dir
         self.ledger = PrivacyLedger(cfg)
+        self.evaluator = Evaluator(cfg)
         self._round_start = time.perf_counter()
-        self._sample_labels = torch.arange(NUM_CLASSES).repeat_interleave(cfg.run.samples_per_class)
 
     def round_started(self) -> None:
         self._round_start = time.perf_counter()
 
     def initial_state(self) -> dict[str, torch.Tensor]:
-        return build_gan(self.cfg.model, NUM_CLASSES, seed=self.cfg.seed).state_dict()
+        return build_model(self.cfg.model, NUM_CLASSES, seed=self.cfg.seed).state_dict()
 
-    def save_samples(self, server_round: int, state: dict[str, torch.Tensor]) -> None:
-        model = ConditionalGAN(self.cfg.model, NUM_CLASSES)
+    def evaluate(self, server_round: int, state: dict[str, torch.Tensor]) -> dict[str, Any]:
+        model = build_model(self.cfg.model, NUM_CLASSES)
         model.load_state_dict(state)
-        # The same latent noise every time, so grids of successive rounds are comparable.
-        gen = torch.Generator().manual_seed(self.cfg.seed)
-        images = model.sample(self._sample_labels, generator=gen)
-        save_image_grid(images, NUM_CLASSES, self.run_dir.samples / f"round_{server_round:03d}.png")
+        return self.evaluator.evaluate(model, server_round, self.run_dir.samples)
 
     def record(
         self,
@@ -170,14 +246,16 @@ class RoundRecorder:
         """Write everything for a finished round; returns the metrics line."""
         self.ledger.record_round(server_round, client_reports)
         self.run_dir.write_privacy_report(self.ledger)
+        evaluation: dict[str, Any] = {}
         if state is not None:
             self.run_dir.save_checkpoint(server_round, state)
-            last = server_round == self.cfg.federation.rounds
-            if server_round % self.cfg.run.sample_every == 0 or last:
-                self.save_samples(server_round, state)
+            last = server_round in (self.cfg.federation.rounds, self.cfg.total_rounds)
+            if server_round % self.cfg.run.eval_every == 0 or last:
+                evaluation = self.evaluate(server_round, state)
         metrics_keys = ("d_loss_fake", "g_loss")
         line: dict[str, Any] = {
             "round": server_round,
+            "stage": self.cfg.stage(server_round),
             "round_seconds": time.perf_counter() - self._round_start,
             "clients": len(client_reports),
             "failures": len(failures),
@@ -191,6 +269,8 @@ class RoundRecorder:
         for key in metrics_keys:
             values = [r["metrics"][key] for r in client_reports if key in r["metrics"]]
             line[key] = sum(values) / len(values) if values else None
+        if evaluation:
+            line["eval"] = evaluation
         self.run_dir.append_metrics(line)
         return line
 
@@ -200,9 +280,17 @@ class RoundRecorder:
 
         eps = "" if line["max_epsilon"] is None else f"  max epsilon {line['max_epsilon']:.3f}"
         fails = f"  failures {line['failures']}" if line["failures"] else ""
+        if line["stage"] == "gan":
+            losses = f"  d_loss_fake {fmt(line['d_loss_fake'])}  g_loss {fmt(line['g_loss'])}"
+        else:
+            ev = line.get("eval", {})
+            losses = f"  [{line['stage']}]" + (
+                f"  test PSNR {ev['psnr']:.2f} dB  codebook usage {ev['codebook_usage']:.2f}"
+                if ev
+                else ""
+            )
         print(
-            f"[fedgen] round {line['round']}/{self.cfg.federation.rounds}: {line['clients']} clients"
-            f"  d_loss_fake {fmt(line['d_loss_fake'])}  g_loss {fmt(line['g_loss'])}"
-            f"{eps}{fails}  ({line['round_seconds']:.1f}s)",
+            f"[fedgen] round {line['round']}/{self.cfg.total_rounds}: {line['clients']} clients"
+            f"{losses}{eps}{fails}  ({line['round_seconds']:.1f}s)",
             flush=True,
         )

@@ -40,7 +40,8 @@ from fedgen.privacy import HistoryEntry, epsilon_of
 __all__ = [
     "LocalResult",
     "resolve_device",
-    "make_private_discriminator",
+    "make_private",
+    "train_dp_locally",
     "discriminator_step",
     "generator_step",
     "train_gan_locally",
@@ -87,8 +88,8 @@ def dp_generator(device: torch.device, seed: int | None) -> torch.Generator:
     return gen
 
 
-def make_private_discriminator(
-    discriminator: nn.Module,
+def make_private(
+    module: nn.Module,
     optimizer: torch.optim.Optimizer,
     loader: DataLoader,
     privacy: PrivacyConfig,
@@ -96,9 +97,9 @@ def make_private_discriminator(
     history: list[HistoryEntry],
     seed: int | None = None,
 ) -> tuple[nn.Module, torch.optim.Optimizer, DataLoader, PrivacyEngine]:
-    """Wrap D for DP-SGD with Poisson sampling; the accountant continues `history`.
+    """Wrap a module for DP-SGD with Poisson sampling; the accountant continues `history`.
     `seed` fixes the DP randomness (only with privacy.reproducible_noise)."""
-    device = next(discriminator.parameters()).device
+    device = next(module.parameters()).device
     # Opacus's Poisson sampler draws from the loader's generator (a CPU one).
     loader = DataLoader(
         loader.dataset,
@@ -107,8 +108,8 @@ def make_private_discriminator(
     )
     engine = PrivacyEngine(accountant=privacy.accountant)
     engine.accountant.history = [tuple(h) for h in history]
-    module, dp_optimizer, dp_loader = engine.make_private(
-        module=discriminator,
+    private_module, dp_optimizer, dp_loader = engine.make_private(
+        module=module,
         optimizer=optimizer,
         data_loader=loader,
         noise_multiplier=noise_multiplier,
@@ -116,7 +117,7 @@ def make_private_discriminator(
         poisson_sampling=True,
         noise_generator=dp_generator(device, None if seed is None else seed + 1),
     )
-    return module, dp_optimizer, dp_loader, engine
+    return private_module, dp_optimizer, dp_loader, engine
 
 
 def _bce_terms(logits: torch.Tensor, target: float) -> torch.Tensor:
@@ -267,7 +268,7 @@ def train_gan_locally(
     engine = None
     d_module: nn.Module = disc
     if privacy.enabled:
-        d_module, d_opt, loader, engine = make_private_discriminator(
+        d_module, d_opt, loader, engine = make_private(
             disc,
             d_opt,
             loader,
@@ -310,3 +311,63 @@ def train_gan_locally(
         metrics["epsilon"] = epsilon_of(new_history, privacy.delta, privacy.accountant)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return LocalResult(state, metrics, [(float(s), float(q), int(n)) for s, q, n in new_history])
+
+
+LossFn = Callable[..., torch.Tensor]
+
+
+def train_dp_locally(
+    module: nn.Module,
+    tensors: tuple[torch.Tensor, ...],
+    loss_fn: LossFn,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    privacy: PrivacyConfig,
+    noise_multiplier: float,
+    history: list[HistoryEntry],
+    device: torch.device,
+    seed: int,
+    proximal_mu: float = 0.0,
+) -> list[HistoryEntry]:
+    """Plain DP-SGD (Adam) on `module` for `steps` Poisson-sampled batches of `tensors`:
+    every parameter's per-example gradient is clipped and noised. `loss_fn(module, *batch)`
+    returns the batch-mean loss. Returns the accountant history after this round. No
+    training statistic is returned: they are computed on private data."""
+    torch.manual_seed(seed)
+    module.to(device).train()
+    anchors = {id(p): p.detach().clone() for p in module.parameters()}
+    prox = _proximal(proximal_mu, anchors)
+    opt: torch.optim.Optimizer = torch.optim.Adam(module.parameters(), lr=lr)
+    loader = DataLoader(TensorDataset(*tensors), batch_size=batch_size, shuffle=True)
+    engine = None
+    wrapped: nn.Module = module
+    if privacy.enabled:
+        wrapped, opt, loader, engine = make_private(
+            module,
+            opt,
+            loader,
+            privacy,
+            noise_multiplier,
+            history,
+            seed=seed if privacy.reproducible_noise else None,
+        )
+    is_dp = isinstance(opt, DPOptimizer)
+    params = [p for p in module.parameters() if p.requires_grad]
+    batches = _batches(loader)
+    try:
+        for _ in range(steps):
+            batch = [t.to(device) for t in next(batches)]
+            opt.zero_grad(set_to_none=True)
+            loss_fn(wrapped, *batch).backward()
+            if is_dp and not opt.pre_step():  # clip per example, add noise, account
+                continue
+            if prox is not None:  # data-independent: added after the noise
+                for p, g in zip(params, prox(params), strict=True):
+                    p.grad = g if p.grad is None else p.grad.add_(g)
+            (opt.original_optimizer if is_dp else opt).step()
+    finally:
+        if isinstance(wrapped, GradSampleModule):
+            wrapped._close()
+    new_history = list(engine.accountant.history) if engine is not None else list(history)
+    return [(float(s), float(q), int(n)) for s, q, n in new_history]

@@ -38,7 +38,7 @@ def run_federation(grid: Grid, cfg: FedgenConfig, run_dir: RunDir) -> None:
         strategy.start(
             grid=grid,
             initial_arrays=ArrayRecord(recorder.initial_state()),
-            num_rounds=cfg.federation.rounds,
+            num_rounds=cfg.total_rounds,
             timeout=cfg.federation.round_timeout,
             # Clients validate this with the same schema: one source for every setting.
             train_config=ConfigRecord({"fedgen-config": cfg.to_json()}),

@@ -54,6 +54,7 @@ def client_report(reply: Message) -> dict[str, Any]:
         "sample_rate": float(privacy["sample-rate"]),
         "planned_steps": int(privacy["planned-steps"]),
         "history": json.loads(str(privacy["history"])),
+        "stage_steps": json.loads(str(privacy.get("stage-steps", "{}"))),
         "metrics": metrics,
     }
 

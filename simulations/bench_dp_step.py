@@ -1,12 +1,15 @@
-"""Discriminator training throughput with DP-SGD against the same model without DP.
+"""Training throughput with DP-SGD against the same model without DP, side by side.
 
-Both run in this process, side by side, on the same batches: one step is fedgen's
-`discriminator_step` (real batch + fake batch), with Opacus's per-example clipping and
-noise in the DP case and a plain Adam step otherwise. Trials alternate between the two so
-that machine noise hits both alike; the medians are compared.
+Both run in this process on the same batches; trials alternate between the two so that
+machine noise hits both alike, and the medians are compared. `--model` picks what a step
+is:
+  gan    fedgen's `discriminator_step` (a real and an equal fake batch; DP: per-example
+         clipping of both, noise on the real rows)
+  vqvae  one Adam step of the VQ-VAE loss on a batch of images (DP: every parameter)
+  prior  one Adam step of the code prior's loss on a batch of 7x7 code grids
 
-    python simulations/bench_dp_step.py                 # CPU or CUDA (auto)
-    python simulations/bench_dp_step.py --batch-size 128 --device cuda
+    python simulations/bench_dp_step.py                 # GAN discriminator, CPU or CUDA
+    python simulations/bench_dp_step.py --model vqvae --batch-size 128 --device cuda
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import platform
 import statistics
 import time
 import warnings
+from collections.abc import Callable
 from datetime import date
 
 import torch
@@ -24,28 +28,67 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedgen.config import ModelConfig, PrivacyConfig
 from fedgen.models import Discriminator
-from fedgen.training import discriminator_step, make_private_discriminator, resolve_device
+from fedgen.training import discriminator_step, make_private, resolve_device
+from fedgen.vqvae import VQVAE, CodePrior, prior_loss, vqvae_loss
+
+Batch = tuple[torch.Tensor, ...]
 
 
-def _setup(private: bool, cfg: ModelConfig, batch: int, device: torch.device):
+def _module(kind: str, cfg: ModelConfig) -> torch.nn.Module:
+    if kind == "gan":
+        return Discriminator(cfg.discriminator_channels, 10, cfg.groups)
+    return VQVAE(cfg) if kind == "vqvae" else CodePrior(cfg, 10)
+
+
+def _setup(
+    kind: str, private: bool, cfg: ModelConfig, batch: int, device: torch.device
+) -> Callable[[Batch], None]:
     torch.manual_seed(0)
-    disc = Discriminator(cfg.discriminator_channels, 10, cfg.groups).to(device)
-    opt: torch.optim.Optimizer = torch.optim.Adam(disc.parameters(), lr=2e-4, betas=(0.5, 0.999))
-    module: torch.nn.Module = disc
+    module = _module(kind, cfg).to(device)
+    lr = 2e-4 if kind == "gan" else 1e-3
+    opt: torch.optim.Optimizer = torch.optim.Adam(module.parameters(), lr=lr)
+    wrapped: torch.nn.Module = module
     if private:
-        data = TensorDataset(torch.zeros(batch * 10, 1, 28, 28), torch.zeros(batch * 10).long())
-        module, opt, _, _ = make_private_discriminator(
-            disc, opt, DataLoader(data, batch_size=batch), PrivacyConfig(), 1.0, []
+        data = TensorDataset(torch.zeros(batch * 10, 1))  # only its length matters here
+        wrapped, opt, _, _ = make_private(
+            module, opt, DataLoader(data, batch_size=batch), PrivacyConfig(), 1.0, []
         )
-    return module, opt
+
+    def step(b: Batch) -> None:
+        if kind == "gan":
+            discriminator_step(wrapped, opt, *b)
+            return
+        opt.zero_grad(set_to_none=True)
+        loss = vqvae_loss(wrapped, *b)[0] if kind == "vqvae" else prior_loss(wrapped, *b)
+        loss.backward()
+        opt.step()
+
+    return step
 
 
-def _trial(module, opt, batches, device) -> float:
+def _batches(kind: str, cfg: ModelConfig, n: int, size: int, device: torch.device) -> list[Batch]:
+    gen = torch.Generator().manual_seed(1)
+
+    def images() -> torch.Tensor:
+        return (torch.rand(size, 1, 28, 28, generator=gen) * 2 - 1).to(device)
+
+    def labels() -> torch.Tensor:
+        return torch.randint(0, 10, (size,), generator=gen).to(device)
+
+    if kind == "gan":
+        return [(images(), labels(), images(), labels()) for _ in range(n)]
+    if kind == "vqvae":
+        return [(images(),) for _ in range(n)]
+    codes = [torch.randint(0, cfg.codebook_size, (size, 7, 7), generator=gen) for _ in range(n)]
+    return [(c.to(device), labels()) for c in codes]
+
+
+def _trial(step: Callable[[Batch], None], batches: list[Batch], device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    for real, labels, fake, fake_labels in batches:
-        discriminator_step(module, opt, real, labels, fake, fake_labels)
+    for b in batches:
+        step(b)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return len(batches) * batches[0][0].shape[0] / (time.perf_counter() - start)
@@ -54,45 +97,40 @@ def _trial(module, opt, batches, device) -> float:
 def main() -> None:
     warnings.filterwarnings("ignore", message="Secure RNG turned off")
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--model", choices=["gan", "vqvae", "prior"], default="gan")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--steps", type=int, default=20, help="steps per trial")
     ap.add_argument("--trials", type=int, default=5)
-    ap.add_argument("--channels", type=int, default=32, help="model.discriminator_channels")
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
 
     device = resolve_device(args.device)
-    cfg = ModelConfig(discriminator_channels=args.channels)
-    gen = torch.Generator().manual_seed(1)
-    batches = [
-        (
-            (torch.rand(args.batch_size, 1, 28, 28, generator=gen) * 2 - 1).to(device),
-            torch.randint(0, 10, (args.batch_size,), generator=gen).to(device),
-            (torch.rand(args.batch_size, 1, 28, 28, generator=gen) * 2 - 1).to(device),
-            torch.randint(0, 10, (args.batch_size,), generator=gen).to(device),
-        )
-        for _ in range(args.steps)
-    ]
-    runs = {name: _setup(name == "dp", cfg, args.batch_size, device) for name in ("plain", "dp")}
-    for module, opt in runs.values():  # warm-up: allocator, kernels, hooks
-        _trial(module, opt, batches[:3], device)
+    cfg = ModelConfig()  # the default sizes of every model
+    batches = _batches(args.model, cfg, args.steps, args.batch_size, device)
+    steps = {
+        name: _setup(args.model, name == "dp", cfg, args.batch_size, device)
+        for name in ("plain", "dp")
+    }
+    for step in steps.values():  # warm-up: allocator, kernels, hooks
+        _trial(step, batches[:3], device)
     rates: dict[str, list[float]] = {"plain": [], "dp": []}
     for _ in range(args.trials):
-        for name, (module, opt) in runs.items():
-            rates[name].append(_trial(module, opt, batches, device))
+        for name, step in steps.items():
+            rates[name].append(_trial(step, batches, device))
     plain, dp = statistics.median(rates["plain"]), statistics.median(rates["dp"])
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
     result = {
         "date": date.today().isoformat(),
+        "model": args.model,
         "device": f"{device.type} ({name or platform.machine()}, {torch.get_num_threads()} threads)",
         "batch_size": args.batch_size,
-        "discriminator_channels": args.channels,
         "non_private_samples_per_s": round(plain, 1),
         "dp_samples_per_s": round(dp, 1),
         "slowdown_dp_over_non_private": round(plain / dp, 3),
     }
+    print(f"model             {args.model} (default sizes)")
     print(f"device            {result['device']}")
-    print(f"batch size        {args.batch_size}   D channels {args.channels}")
+    print(f"batch size        {args.batch_size}")
     print(f"non-private       {plain:10.1f} samples/s")
     print(f"DP-SGD (Opacus)   {dp:10.1f} samples/s")
     print(f"slowdown DP/plain {plain / dp:10.3f}x   (goal on a GPU: <= 1.5)")

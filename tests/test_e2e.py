@@ -31,7 +31,7 @@ def run_dir(tmp_path_factory, mnist_dir):
         "--set", "model.generator_channels=16",
         "--set", "model.discriminator_channels=8",
         "--set", "model.groups=4",
-        "--set", "run.sample_every=1",
+        "--set", "run.eval_every=1",
         "--set", "device=cpu",
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=420, cwd=REPO)

@@ -14,7 +14,7 @@ from fedgen.config import PrivacyConfig
 from fedgen.data import client_partition
 from fedgen.models import Discriminator, build_gan
 from fedgen.privacy import epsilon_of
-from fedgen.training import discriminator_step, make_private_discriminator
+from fedgen.training import discriminator_step, make_private
 
 from .helpers import small_config
 
@@ -38,7 +38,7 @@ def _one_update(x, y, private: bool, clip: float) -> torch.Tensor:
     module = disc
     if private:
         loader = DataLoader(TensorDataset(x, y), batch_size=len(x))
-        module, opt, _, _ = make_private_discriminator(
+        module, opt, _, _ = make_private(
             disc, opt, loader, PrivacyConfig(max_grad_norm=clip), noise_multiplier=0.0, history=[]
         )
     discriminator_step(module, opt, x, y)

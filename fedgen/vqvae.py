@@ -1,0 +1,309 @@
+"""VQ-VAE for 28x28 grey images and a class-conditional autoregressive prior over its codes.
+
+Both networks are trained with DP-SGD, so every design choice here serves exact per-example
+gradients under Opacus (hooks mode):
+- The codebook is an `nn.Embedding` and is *called* (`self.codebook(codes)`), never indexed
+  as a raw tensor: the codebook loss then reaches it through the Embedding's output, where
+  Opacus's hooks see it and produce a per-example gradient. Indexing `codebook.weight`
+  directly would bypass the hooks and leave the codebook moved by DP noise alone.
+- No EMA codebook update: it would read private data outside DP-SGD.
+- GroupNorm instead of BatchNorm, Upsample + Conv2d instead of ConvTranspose2d, no in-place
+  activations.
+- The prior's masked convolution is a small custom module with its own registered
+  per-example gradient (an unfold + einsum, like Opacus's Conv2d one, times the mask).
+  Opacus's fallback for unknown layers, functorch, is exact too but crashes on the empty
+  batches Poisson sampling draws. The mask is not a buffer (the functorch path, should it
+  ever be used, rejects layers with buffers). The prior has no normalisation layer:
+  GroupNorm's statistics over the grid would leak later codes into earlier positions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from opacus.grad_sample import register_grad_sampler
+from torch import Tensor, nn
+
+from fedgen.config import ModelConfig
+
+__all__ = [
+    "GRID",
+    "VQVAE",
+    "vqvae_loss",
+    "encode_codes",
+    "codebook_stats",
+    "MaskedConv2d",
+    "CodePrior",
+    "prior_loss",
+]
+
+GRID = 7  # side of the code grid: 28x28 images, two stride-2 downsamplings
+
+
+def _nchw(grid: Tensor) -> Tensor:
+    """(B,H,W,C) embeddings -> contiguous (B,C,H,W). Contiguous matters: a permuted tensor
+    is channels-last in memory, convolutions keep that layout downstream, and Opacus 1.6's
+    Conv2d per-example gradient (unfold2d's as_strided) assumes NCHW strides and is then
+    silently wrong."""
+    return grid.permute(0, 3, 1, 2).contiguous()
+
+
+class VQVAE(nn.Module):
+    """(B,1,28,28) in [-1,1] -> 7x7 grid of codebook indices -> reconstruction in [-1,1]."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        c, g, d = cfg.vq_channels, cfg.groups, cfg.code_dim
+        if c % g:
+            raise ValueError(
+                f"model.groups={g} must divide model.vq_channels={c}; pick groups among its "
+                "divisors"
+            )
+        self.codebook_size = cfg.codebook_size
+        self.code_dim = d
+        self.commitment = cfg.commitment
+        self.encoder = nn.Sequential(
+            nn.Conv2d(1, c, 4, stride=2, padding=1),  # 14x14
+            nn.GroupNorm(g, c),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(c, 2 * c, 4, stride=2, padding=1),  # 7x7
+            nn.GroupNorm(g, 2 * c),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(2 * c, 2 * c, 3, padding=1),
+            nn.GroupNorm(g, 2 * c),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(2 * c, d, 1),
+        )
+        self.codebook = nn.Embedding(cfg.codebook_size, d)
+        # Small entries around the origin: the nearest code is then chosen mostly by the
+        # direction of z_e, so many codes are in use from the start (N(0,1) entries would
+        # be far from the encoder's small outputs and a few would win everywhere).
+        nn.init.uniform_(self.codebook.weight, -1.0 / cfg.codebook_size, 1.0 / cfg.codebook_size)
+        self.decoder = nn.Sequential(
+            nn.Conv2d(d, 2 * c, 3, padding=1),
+            nn.GroupNorm(g, 2 * c),
+            nn.LeakyReLU(0.2),
+            nn.Upsample(scale_factor=2),  # 14x14
+            nn.Conv2d(2 * c, c, 3, padding=1),
+            nn.GroupNorm(g, c),
+            nn.LeakyReLU(0.2),
+            nn.Upsample(scale_factor=2),  # 28x28
+            nn.Conv2d(c, c, 3, padding=1),
+            nn.GroupNorm(g, c),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(c, 1, 3, padding=1),
+            nn.Tanh(),
+        )
+
+    def encode(self, images: Tensor) -> Tensor:
+        """(B,1,28,28) -> z_e (B, code_dim, 7, 7)."""
+        return self.encoder(images)
+
+    @torch.no_grad()
+    def nearest_codes(self, z_e: Tensor) -> Tensor:
+        """Index of the nearest codebook entry (squared L2) for each of the 7x7 vectors."""
+        b, d, h, w = z_e.shape
+        flat = z_e.permute(0, 2, 3, 1).reshape(-1, d)
+        weight = self.codebook.weight
+        # |z|^2 is the same for every code, so it does not change the argmin.
+        dist = (weight * weight).sum(1) - 2.0 * flat @ weight.t()
+        return dist.argmin(1).view(b, h, w)
+
+    def quantize(self, z_e: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """z_e -> (z_q with straight-through gradient, codes (B,7,7), vq loss per example (B,))."""
+        codes = self.nearest_codes(z_e)
+        # Through the Embedding module, so Opacus records a per-example codebook gradient.
+        # contiguous(): see _nchw.
+        e = _nchw(self.codebook(codes))
+        codebook_term = (e - z_e.detach()).pow(2).flatten(1).mean(1)
+        commitment_term = (z_e - e.detach()).pow(2).flatten(1).mean(1)
+        vq_loss = codebook_term + self.commitment * commitment_term
+        # Forward value e, gradient to the encoder as if quantisation were the identity.
+        z_q = z_e + (e - z_e).detach()
+        return z_q, codes, vq_loss
+
+    def decode(self, z_q: Tensor) -> Tensor:
+        """(B, code_dim, 7, 7) -> (B,1,28,28) in [-1,1]."""
+        return self.decoder(z_q)
+
+    @torch.no_grad()
+    def decode_codes(self, codes: Tensor) -> Tensor:
+        """(B,7,7) codebook indices -> images."""
+        device = self.codebook.weight.device
+        return self.decode(_nchw(self.codebook(codes.to(device))))
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        z_q, codes, vq_loss = self.quantize(self.encode(images))
+        return self.decode(z_q), codes, vq_loss
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    # Opacus's GradSampleModule keeps the wrapped model in `_module`.
+    return getattr(model, "_module", model)
+
+
+def vqvae_loss(model: nn.Module, images: Tensor) -> tuple[Tensor, dict[str, float]]:
+    """Mean over the batch of per-example (pixel MSE + vq loss); `model` may be wrapped.
+
+    A sum of per-example terms divided by the batch size is what Opacus's
+    loss_reduction="mean" expects: each grad_sample row is then exactly that example's
+    gradient. Dividing by max(1, B) makes an empty (Poisson) batch give 0, not NaN. The
+    logged floats are statistics of the batch: private if the batch is."""
+    recon, _, vq = model(images)
+    recon_mse = (recon - images).pow(2).flatten(1).mean(1)
+    n = max(1, images.shape[0])
+    loss = (recon_mse + vq).sum() / n
+    stats = {
+        "recon_mse": float(recon_mse.detach().sum()) / n,
+        "vq_loss": float(vq.detach().sum()) / n,
+    }
+    return loss, stats
+
+
+@torch.no_grad()
+def encode_codes(model: VQVAE, images: Tensor, batch_size: int = 512) -> Tensor:
+    """(N,1,28,28) images -> (N,7,7) long codes, on the images' device, in chunks."""
+    net = _unwrap(model)
+    device = net.codebook.weight.device
+    out = [
+        net.nearest_codes(net.encode(images[i : i + batch_size].to(device))).to(images.device)
+        for i in range(0, images.shape[0], batch_size)
+    ]
+    if not out:
+        return torch.zeros(0, GRID, GRID, dtype=torch.long, device=images.device)
+    return torch.cat(out)
+
+
+def codebook_stats(codes: Tensor, codebook_size: int) -> dict[str, float]:
+    """Fraction of the codebook in use, and the perplexity exp(entropy) of the code histogram
+    (K for a uniform use of all K codes, 1 for a single code)."""
+    counts = torch.bincount(codes.flatten().long().cpu(), minlength=codebook_size).double()
+    total = float(counts.sum())
+    if total == 0:
+        return {"usage": 0.0, "perplexity": 0.0}
+    p = counts[counts > 0] / total
+    entropy = float(-(p * p.log()).sum())
+    return {"usage": float((counts > 0).sum()) / codebook_size, "perplexity": math.exp(entropy)}
+
+
+class MaskedConv2d(nn.Module):
+    """Convolution whose output at a grid position sees only earlier positions in raster
+    order: the rows above (within the kernel), the same row to the left and, for mask "B",
+    the position itself. "A" (no centre) is for the first layer, which reads the codes.
+
+    Not an nn.Conv2d subclass, so Opacus cannot mistake it for a plain convolution; its
+    per-example gradient is `_masked_conv_grad_sample` below."""
+
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: tuple[int, int], mask_type: str
+    ) -> None:
+        super().__init__()
+        kh, kw = kernel_size
+        if kh % 2 == 0 or kw % 2 == 0 or mask_type not in ("A", "B"):
+            raise ValueError(f"MaskedConv2d needs odd kernel sides and mask A or B, got {kh}x{kw}")
+        self.kernel_size = (kh, kw)
+        self.mask_type = mask_type
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kh, kw))
+        self.bias = nn.Parameter(torch.empty(out_channels))
+        # nn.Conv2d's default initialisation, scaled to the unmasked fan-in.
+        fan_in = in_channels * ((kh // 2) * kw + kw // 2 + (mask_type == "B"))
+        bound = 1.0 / math.sqrt(fan_in)
+        nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def mask(self) -> Tensor:
+        # Rebuilt per call rather than stored: a buffer would travel in every state_dict
+        # (and Opacus's functorch path rejects layers with buffers); a plain tensor
+        # attribute would not follow .to(device). It is a few dozen numbers.
+        kh, kw = self.kernel_size
+        m = torch.zeros(kh, kw, device=self.weight.device, dtype=self.weight.dtype)
+        m[: kh // 2] = 1.0
+        m[kh // 2, : kw // 2 + (self.mask_type == "B")] = 1.0
+        return m
+
+    def forward(self, x: Tensor) -> Tensor:
+        kh, kw = self.kernel_size
+        return F.conv2d(x, self.weight * self.mask(), self.bias, padding=(kh // 2, kw // 2))
+
+
+@register_grad_sampler(MaskedConv2d)
+def _masked_conv_grad_sample(
+    layer: MaskedConv2d, activations: list[Tensor], backprops: Tensor
+) -> dict[nn.Parameter, Tensor]:
+    """Per-example gradients of a MaskedConv2d, given its inputs and the gradient of the
+    loss at its outputs (already scaled by Opacus for the loss reduction). Works for an
+    empty batch, where functorch's vmap fails."""
+    x = activations[0]
+    kh, kw = layer.kernel_size
+    # (B, Cin*kh*kw, H*W): the input patch each output position sees.
+    patches = F.unfold(x, (kh, kw), padding=(kh // 2, kw // 2))
+    grad_out = backprops.flatten(2)  # (B, Cout, H*W)
+    grad_weight = torch.einsum("bol,bil->boi", grad_out, patches)
+    grad_weight = grad_weight.view(x.shape[0], *layer.weight.shape) * layer.mask()
+    return {layer.weight: grad_weight, layer.bias: grad_out.sum(2)}
+
+
+class CodePrior(nn.Module):
+    """p(codes | label) over the 7x7 grid in raster order, PixelCNN-style.
+
+    The first (mask A) layer spans the whole grid width and enough rows that the 3x3
+    mask-B layers after it, each reaching one row further up, cover every earlier position:
+    a stack of small square masked kernels alone has a blind spot to the upper right.
+    The label enters as a per-channel bias map after the first layer (before it, position
+    (0,0) would not see it)."""
+
+    def __init__(self, cfg: ModelConfig, num_classes: int = 10) -> None:
+        super().__init__()
+        k, c, layers = cfg.codebook_size, cfg.prior_channels, cfg.prior_layers
+        self.codebook_size = k
+        self.num_classes = num_classes
+        self.code_embedding = nn.Embedding(k, c)
+        self.label_embedding = nn.Embedding(num_classes, c)
+        rows_up = max(1, (GRID - 1) - (layers - 1))
+        self.first = MaskedConv2d(c, c, (2 * rows_up + 1, 2 * (GRID - 1) + 1), "A")
+        self.blocks = nn.ModuleList(MaskedConv2d(c, c, (3, 3), "B") for _ in range(layers - 1))
+        self.head = nn.Conv2d(c, k, 1)  # 1x1: the position itself only, so still causal
+
+    def forward(self, codes: Tensor, labels: Tensor) -> Tensor:
+        """(B,H,7) codes, (B,) labels -> logits (B, K, H, 7); H=7 in training, fewer rows
+        while sampling (outputs never depend on rows below)."""
+        x = _nchw(self.code_embedding(codes))
+        cond = self.label_embedding(labels)[:, :, None, None]
+        h = self.first(x) + cond
+        for block in self.blocks:
+            h = h + block(F.leaky_relu(h, 0.2))
+        return self.head(F.leaky_relu(h, 0.2))
+
+    @torch.no_grad()
+    def sample(
+        self,
+        labels: Tensor,
+        generator: torch.Generator | None = None,
+        temperature: float = 1.0,
+    ) -> Tensor:
+        """Draw (B,7,7) codes for `labels`, one position at a time in raster order."""
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        device = self.head.weight.device
+        labels = labels.to(device)
+        codes = torch.zeros(labels.shape[0], GRID, GRID, dtype=torch.long, device=device)
+        draw_device = generator.device if generator is not None else device
+        for r in range(GRID):
+            for col in range(GRID):
+                # Rows below r cannot influence row r, so they need not be computed.
+                logits = self(codes[:, : r + 1], labels)[:, :, r, col] / temperature
+                probs = logits.softmax(1).to(draw_device)
+                drawn = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+                codes[:, r, col] = drawn.to(device)
+        return codes
+
+
+def prior_loss(prior: nn.Module, codes: Tensor, labels: Tensor) -> Tensor:
+    """Mean over the batch of each example's cross-entropy averaged over the 49 positions
+    (nats per code); a per-example sum over B, as Opacus's loss_reduction="mean" expects;
+    0 for an empty batch."""
+    logits = prior(codes, labels)
+    per_example = F.cross_entropy(logits, codes, reduction="none").flatten(1).mean(1)
+    return per_example.sum() / max(1, codes.shape[0])

@@ -1,0 +1,248 @@
+"""VQ-VAE and code prior: exact per-example gradients under Opacus, shapes, causality."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import pytest
+import torch
+from opacus import GradSampleModule
+from opacus.optimizers import DPOptimizer
+from opacus.validators import ModuleValidator
+from torch import nn
+
+from fedgen.config import ModelConfig
+from fedgen.vqvae import (
+    GRID,
+    VQVAE,
+    CodePrior,
+    codebook_stats,
+    encode_codes,
+    prior_loss,
+    vqvae_loss,
+)
+
+from .helpers import small_config
+
+B = 6
+NUM_CLASSES = 10
+
+
+def tiny(*overrides: str) -> ModelConfig:
+    return small_config(
+        "model.type=vqvae",
+        "model.vq_channels=8",
+        "model.code_dim=4",
+        "model.codebook_size=16",
+        "model.prior_channels=16",
+        "model.prior_layers=3",
+        *overrides,
+    ).model
+
+
+def random_images(n: int, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, 28, 28, generator=gen) * 2 - 1
+
+
+def vqvae_with_used_codebook(cfg: ModelConfig, images: torch.Tensor) -> VQVAE:
+    """A VQ-VAE whose codebook entries sit on some of the encoder's outputs, so that many
+    codes are nearest somewhere in `images` (the codebook gradient is then not trivially 0)."""
+    torch.manual_seed(0)
+    model = VQVAE(cfg)
+    with torch.no_grad():
+        z = model.encode(images).permute(0, 2, 3, 1).reshape(-1, cfg.code_dim)
+        pick = torch.randperm(z.shape[0])[: cfg.codebook_size]
+        model.codebook.weight.copy_(z[pick] + 0.01 * torch.randn(cfg.codebook_size, cfg.code_dim))
+    return model
+
+
+def assert_per_sample_grads_exact(
+    model: nn.Module, loss_fn: Callable[[nn.Module, int | None], torch.Tensor], n: int
+) -> GradSampleModule:
+    """Opacus's grad_sample rows (one batched backward) == plain autograd on each example
+    alone, for every trainable parameter. `loss_fn(m, None)` is the batch loss,
+    `loss_fn(m, i)` the loss of a batch holding example i only."""
+    gsm = GradSampleModule(copy.deepcopy(model))  # hooks mode, loss_reduction="mean"
+    loss_fn(gsm, None).backward()
+    wrapped = dict(gsm._module.named_parameters())
+    for i in range(n):
+        model.zero_grad(set_to_none=True)
+        loss_fn(model, i).backward()
+        for name, p in model.named_parameters():
+            gs = wrapped[name].grad_sample
+            assert gs is not None and gs.shape == (n, *p.shape), name
+            expected = p.grad if p.grad is not None else torch.zeros_like(p)
+            torch.testing.assert_close(gs[i], expected, rtol=1e-4, atol=1e-6, msg=name)
+    return gsm
+
+
+def test_vqvae_per_sample_gradients_match_autograd_including_codebook() -> None:
+    cfg = tiny()
+    images = random_images(B)
+    model = vqvae_with_used_codebook(cfg, images)
+    _, codes, _ = model(images)
+    assert codes.unique().numel() >= 4  # several codebook rows take part
+
+    def loss_fn(m: nn.Module, i: int | None) -> torch.Tensor:
+        return vqvae_loss(m, images if i is None else images[i : i + 1])[0]
+
+    gsm = assert_per_sample_grads_exact(model, loss_fn, B)
+    codebook_gs = gsm._module.codebook.weight.grad_sample
+    assert codebook_gs.abs().sum() > 0
+    for i in range(B):
+        # Example i moves exactly the codebook rows it uses.
+        touched = codebook_gs[i].abs().sum(1) > 0
+        used = torch.zeros(cfg.codebook_size, dtype=torch.bool)
+        used[codes[i].unique()] = True
+        assert torch.equal(touched, used)
+
+
+def test_prior_per_sample_gradients_match_autograd() -> None:
+    cfg = tiny()
+    torch.manual_seed(1)
+    prior = CodePrior(cfg, NUM_CLASSES)
+    codes = torch.randint(0, cfg.codebook_size, (B, GRID, GRID))
+    labels = torch.randint(0, NUM_CLASSES, (B,))
+
+    def loss_fn(m: nn.Module, i: int | None) -> torch.Tensor:
+        if i is None:
+            return prior_loss(m, codes, labels)
+        return prior_loss(m, codes[i : i + 1], labels[i : i + 1])
+
+    assert_per_sample_grads_exact(prior, loss_fn, B)
+
+
+def test_empty_batch_gives_zero_loss_and_a_dp_step() -> None:
+    # Poisson sampling draws empty batches; the DP step (noise only) must still run.
+    cfg = tiny()
+    cases: list[tuple[nn.Module, Callable[[nn.Module], torch.Tensor]]] = [
+        (VQVAE(cfg), lambda m: vqvae_loss(m, random_images(0))[0]),
+        (
+            CodePrior(cfg, NUM_CLASSES),
+            lambda m: prior_loss(
+                m, torch.zeros(0, GRID, GRID, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+            ),
+        ),
+    ]
+    for model, loss_fn in cases:
+        gsm = GradSampleModule(model)
+        opt = DPOptimizer(
+            torch.optim.SGD(gsm.parameters(), lr=0.1),
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            expected_batch_size=4,
+        )
+        opt.zero_grad()
+        loss = loss_fn(gsm)
+        assert float(loss.detach()) == 0.0
+        loss.backward()
+        opt.step()
+
+
+def test_module_validator_accepts_both_models() -> None:
+    cfg = ModelConfig(type="vqvae")
+    assert ModuleValidator.validate(VQVAE(cfg), strict=False) == []
+    assert ModuleValidator.validate(CodePrior(cfg), strict=False) == []
+
+
+def test_shapes_and_ranges() -> None:
+    cfg = tiny()
+    model = VQVAE(cfg)
+    images = random_images(5)
+    z_e = model.encode(images)
+    assert z_e.shape == (5, cfg.code_dim, GRID, GRID)
+    z_q, codes, vq = model.quantize(z_e)
+    assert z_q.shape == z_e.shape and vq.shape == (5,)
+    assert codes.shape == (5, GRID, GRID) and codes.dtype == torch.long
+    assert int(codes.min()) >= 0 and int(codes.max()) < cfg.codebook_size
+    out = model.decode(z_q)
+    assert out.shape == (5, 1, 28, 28) and out.abs().max() <= 1.0
+    recon, fwd_codes, fwd_vq = model(images)
+    assert recon.shape == (5, 1, 28, 28) and torch.equal(fwd_codes, codes)
+    assert fwd_vq.shape == (5,)
+    decoded = model.decode_codes(codes)
+    assert decoded.shape == (5, 1, 28, 28) and not decoded.requires_grad
+    torch.testing.assert_close(decoded, recon.detach())
+    assert torch.equal(encode_codes(model, images, batch_size=2), codes)
+
+    prior = CodePrior(cfg, NUM_CLASSES)
+    labels = torch.arange(4)
+    assert prior(codes[:4], labels).shape == (4, cfg.codebook_size, GRID, GRID)
+    drawn = prior.sample(labels, torch.Generator().manual_seed(3))
+    assert drawn.shape == (4, GRID, GRID) and drawn.dtype == torch.long
+    assert int(drawn.min()) >= 0 and int(drawn.max()) < cfg.codebook_size
+    assert torch.equal(drawn, prior.sample(labels, torch.Generator().manual_seed(3)))
+    with pytest.raises(ValueError, match="temperature"):
+        prior.sample(labels, temperature=0.0)
+
+
+def test_groups_must_divide_width() -> None:
+    with pytest.raises(ValueError, match="model.groups"):
+        VQVAE(tiny("model.vq_channels=10"))
+
+
+@pytest.mark.parametrize("layers", [2, 3, 4, 7])
+def test_prior_is_causal_and_sees_every_earlier_position(layers: int) -> None:
+    cfg = tiny(f"model.prior_layers={layers}")
+    torch.manual_seed(2)
+    prior = CodePrior(cfg, NUM_CLASSES).double()  # float64: "unchanged" is then clear-cut
+    base = torch.randint(0, cfg.codebook_size, (1, GRID, GRID))
+    label = torch.tensor([3])
+    n = GRID * GRID
+    # Row q of the batch: the base grid with the code at raster position q changed.
+    changed = base.repeat(n, 1, 1).view(n, n)
+    changed[torch.arange(n), torch.arange(n)] = (base.view(n) + 1) % cfg.codebook_size
+    with torch.no_grad():
+        ref = prior(base, label).flatten(2)[0]  # (K, 49)
+        out = prior(changed.view(n, GRID, GRID), label.repeat(n)).flatten(2)  # (49, K, 49)
+        depends = (out - ref).abs().amax(1) > 1e-9  # [q, p]: logits at p moved when q did
+        expected = torch.arange(n)[None, :] > torch.arange(n)[:, None]  # p after q only
+        assert torch.equal(depends, expected)
+
+        # The label reaches every position, the first included.
+        other = prior(base, torch.tensor([4])).flatten(2)[0]
+        assert bool(((other - ref).abs().amax(0) > 1e-9).all())
+
+        # Sampling computes row r from rows 0..r only: that must give the same logits.
+        full = prior(base, label)
+        for r in range(GRID):
+            torch.testing.assert_close(prior(base[:, : r + 1], label)[:, :, r], full[:, :, r])
+
+
+def test_codebook_stats() -> None:
+    k = 16
+    same = codebook_stats(torch.full((10, GRID, GRID), 5), k)
+    assert same["usage"] == pytest.approx(1 / k)
+    assert same["perplexity"] == pytest.approx(1.0)
+    uniform = codebook_stats(torch.arange(k).repeat(20), k)
+    assert uniform["usage"] == pytest.approx(1.0)
+    assert uniform["perplexity"] == pytest.approx(k)
+
+
+def test_training_lowers_the_losses() -> None:
+    cfg = tiny()
+    torch.manual_seed(4)
+    model = VQVAE(cfg)
+    images = random_images(16, seed=4)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    first = float(vqvae_loss(model, images)[0].detach())
+    for _ in range(20):
+        opt.zero_grad()
+        loss, stats = vqvae_loss(model, images)
+        loss.backward()
+        opt.step()
+    assert set(stats) == {"recon_mse", "vq_loss"}
+    assert float(vqvae_loss(model, images)[0].detach()) < first
+
+    prior = CodePrior(cfg, NUM_CLASSES)
+    codes = encode_codes(model, images)
+    labels = torch.arange(16) % NUM_CLASSES
+    opt = torch.optim.Adam(prior.parameters(), lr=3e-3)
+    first = float(prior_loss(prior, codes, labels).detach())
+    for _ in range(20):
+        opt.zero_grad()
+        prior_loss(prior, codes, labels).backward()
+        opt.step()
+    assert float(prior_loss(prior, codes, labels).detach()) < first
