@@ -97,3 +97,15 @@ def test_sample_grid_has_one_row_per_class(run_dir):
     img = Image.open(run_dir / "samples" / f"round_{ROUNDS:03d}.png")
     # 10 rows and 8 columns of 28px cells with 2px gaps, scaled by 2.
     assert img.size == (2 * (8 * 30 + 2), 2 * (10 * 30 + 2))
+
+
+def test_sample_command_works_for_the_gan(run_dir, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "gan.png"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedgen.cli", "sample", str(run_dir), "--n", "30", "--out", str(out)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert Image.open(out).size == (2 * (3 * 30 + 2), 2 * (10 * 30 + 2))  # 10 classes x 3
