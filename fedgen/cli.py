@@ -22,8 +22,13 @@ def _simulate(args: argparse.Namespace) -> int:
     print(f"[fedgen] config: {source}")
     print(
         f"[fedgen] {cfg.data.dataset}: {len(sizes)} clients ({cfg.federation.partition}), "
-        f"{min(sizes)}-{max(sizes)} examples each; {cfg.federation.rounds} rounds x "
-        f"{cfg.training.local_steps} DP steps"
+        f"{min(sizes)}-{max(sizes)} examples each; {cfg.total_rounds} rounds"
+        + (
+            f" ({cfg.federation.prior_rounds} of them the prior's)"
+            if cfg.federation.prior_rounds
+            else ""
+        )
+        + f", {cfg.planned_steps} DP steps planned per client"
     )
     if cfg.privacy.enabled:
         print(
