@@ -120,6 +120,31 @@ def make_private(
     return private_module, dp_optimizer, dp_loader, engine
 
 
+def _maybe_private(
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    tensors: tuple[torch.Tensor, ...],
+    batch_size: int,
+    privacy: PrivacyConfig,
+    noise_multiplier: float,
+    history: list[HistoryEntry],
+    seed: int,
+) -> tuple[nn.Module, torch.optim.Optimizer, DataLoader, PrivacyEngine | None]:
+    """The training pieces with DP-SGD when privacy is on, plain ones (shuffled) if not."""
+    loader = DataLoader(TensorDataset(*tensors), batch_size=batch_size, shuffle=True)
+    if not privacy.enabled:
+        return module, optimizer, loader, None
+    fixed_seed = seed if privacy.reproducible_noise else None
+    return make_private(
+        module, optimizer, loader, privacy, noise_multiplier, history, seed=fixed_seed
+    )
+
+
+def _history_after(engine: PrivacyEngine | None, history: list[HistoryEntry]) -> list[HistoryEntry]:
+    entries = engine.accountant.history if engine is not None else history
+    return [(float(s), float(q), int(n)) for s, q, n in entries]
+
+
 def _bce_terms(logits: torch.Tensor, target: float) -> torch.Tensor:
     """Summed binary cross-entropy of logits against a constant target."""
     return F.binary_cross_entropy_with_logits(
@@ -264,19 +289,9 @@ def train_gan_locally(
         disc.parameters(), lr=training.lr_discriminator, betas=betas
     )
     g_opt = torch.optim.Adam(gen.parameters(), lr=training.lr_generator, betas=betas)
-    loader = DataLoader(TensorDataset(images, labels), batch_size=training.batch_size, shuffle=True)
-    engine = None
-    d_module: nn.Module = disc
-    if privacy.enabled:
-        d_module, d_opt, loader, engine = make_private(
-            disc,
-            d_opt,
-            loader,
-            privacy,
-            noise_multiplier,
-            history,
-            seed=seed if privacy.reproducible_noise else None,
-        )
+    d_module, d_opt, loader, engine = _maybe_private(
+        disc, d_opt, (images, labels), training.batch_size, privacy, noise_multiplier, history, seed
+    )
     batches = _batches(loader)
     d_losses, g_losses = [], []
     try:
@@ -300,7 +315,7 @@ def train_gan_locally(
     finally:
         if isinstance(d_module, GradSampleModule):
             d_module._close()  # remove Opacus hooks so the model is plain again
-    new_history = list(engine.accountant.history) if engine is not None else list(history)
+    new_history = _history_after(engine, history)
     metrics = {
         "d_loss_fake": sum(d_losses) / len(d_losses),
         "g_loss": sum(g_losses) / len(g_losses) if g_losses else float("nan"),
@@ -310,7 +325,7 @@ def train_gan_locally(
     if privacy.enabled:
         metrics["epsilon"] = epsilon_of(new_history, privacy.delta, privacy.accountant)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return LocalResult(state, metrics, [(float(s), float(q), int(n)) for s, q, n in new_history])
+    return LocalResult(state, metrics, new_history)
 
 
 LossFn = Callable[..., torch.Tensor]
@@ -339,19 +354,9 @@ def train_dp_locally(
     anchors = {id(p): p.detach().clone() for p in module.parameters()}
     prox = _proximal(proximal_mu, anchors)
     opt: torch.optim.Optimizer = torch.optim.Adam(module.parameters(), lr=lr)
-    loader = DataLoader(TensorDataset(*tensors), batch_size=batch_size, shuffle=True)
-    engine = None
-    wrapped: nn.Module = module
-    if privacy.enabled:
-        wrapped, opt, loader, engine = make_private(
-            module,
-            opt,
-            loader,
-            privacy,
-            noise_multiplier,
-            history,
-            seed=seed if privacy.reproducible_noise else None,
-        )
+    wrapped, opt, loader, engine = _maybe_private(
+        module, opt, tensors, batch_size, privacy, noise_multiplier, history, seed
+    )
     is_dp = isinstance(opt, DPOptimizer)
     params = [p for p in module.parameters() if p.requires_grad]
     batches = _batches(loader)
@@ -369,5 +374,4 @@ def train_dp_locally(
     finally:
         if isinstance(wrapped, GradSampleModule):
             wrapped._close()
-    new_history = list(engine.accountant.history) if engine is not None else list(history)
-    return [(float(s), float(q), int(n)) for s, q, n in new_history]
+    return _history_after(engine, history)
