@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -91,6 +92,8 @@ def _sample(args: argparse.Namespace) -> int:
             f"checkpoint of round {round_} predates the prior's rounds "
             f"({cfg.federation.rounds + 1}..{cfg.total_rounds}); pick a later one"
         )
+    if args.n < 1:
+        raise ValueError(f"--n {args.n}: ask for at least one sample")
     if args.label is not None and not 0 <= args.label < 10:
         raise ValueError(f"--label {args.label} is not a class; use 0..9")
     model = build_model(cfg.model)
@@ -98,7 +101,7 @@ def _sample(args: argparse.Namespace) -> int:
     if args.label is None:
         per_class, rows = max(1, -(-args.n // 10)), 10
     else:
-        per_class, rows = args.n, max(1, round(args.n**0.5))
+        per_class, rows = args.n, max(1, math.isqrt(args.n))
     labels = class_grid_labels(per_class, args.label)
     gen = torch.Generator().manual_seed(args.seed)
     images = model.sample(labels, generator=gen)
@@ -135,7 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     smp = sub.add_parser("sample", help="generate a class-conditional grid from a run")
     smp.add_argument("run_dir")
-    smp.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
+    smp.add_argument(
+        "--n",
+        type=int,
+        default=64,
+        help="samples; without --label, ceil(n/10) per class, one row per class (default 64)",
+    )
     smp.add_argument("--out", default="samples.png", help="PNG to write")
     smp.add_argument("--label", type=int, help="only this class (default: one row per class)")
     smp.add_argument("--checkpoint", type=int, help="round to load (default: the latest)")

@@ -3,7 +3,8 @@
 Layout of a run directory:
     config.yaml            resolved settings (every key, defaults included)
     manifest.json          versions, seed, command, start and end time
-    metrics.jsonl          one JSON object per round: losses, timings, epsilon
+    metrics.jsonl          one JSON object per round: stage, losses, round time, epsilon,
+                           test-set evaluation on evaluation rounds
     privacy_report.json    the epsilon report (schema in docs/PRIVACY.md)
     privacy_report.md      the same as a table
     privacy_epsilon.png    epsilon per client against rounds
@@ -317,7 +318,7 @@ def _privacy_markdown(report: dict[str, Any]) -> str:
         "",
     ]
     lines += [
-        f"- {cid}: `{c['history']}`; stages `{c.get('stage_steps', {})}`"
+        f"- {cid}: `{c['history']}`; stages `{json.dumps(c.get('stage_steps', {}))}`"
         for cid, c in report["clients"].items()
     ]
     return "\n".join(lines) + "\n"

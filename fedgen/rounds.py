@@ -228,6 +228,10 @@ class RoundRecorder:
     def round_started(self) -> None:
         self._round_start = time.perf_counter()
 
+    def frozen_prefixes(self, server_round: int) -> tuple[str, ...]:
+        """Weights a round does not train, which the server must leave as they were."""
+        return ("vqvae.",) if self.cfg.stage(server_round) == "prior" else ()
+
     def initial_state(self) -> dict[str, torch.Tensor]:
         return build_model(self.cfg.model, NUM_CLASSES, seed=self.cfg.seed).state_dict()
 

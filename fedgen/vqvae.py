@@ -5,7 +5,8 @@ gradients under Opacus (hooks mode):
 - The codebook is an `nn.Embedding` and is *called* (`self.codebook(codes)`), never indexed
   as a raw tensor: the codebook loss then reaches it through the Embedding's output, where
   Opacus's hooks see it and produce a per-example gradient. Indexing `codebook.weight`
-  directly would bypass the hooks and leave the codebook moved by DP noise alone.
+  directly would bypass the hooks: the codebook would have no per-example gradient
+  (Opacus 1.6 then refuses the step) or, written otherwise, move by DP noise alone.
 - No EMA codebook update: it would read private data outside DP-SGD.
 - GroupNorm instead of BatchNorm, Upsample + Conv2d instead of ConvTranspose2d, no in-place
   activations.

@@ -89,6 +89,7 @@ def build_strategy(cfg: FedgenConfig, recorder: RoundRecorder) -> Strategy:
             self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
         ) -> Iterable[Message]:
             recorder.round_started()
+            self._sent = arrays
             return super().configure_train(server_round, arrays, config, grid)
 
         def aggregate_train(
@@ -96,6 +97,13 @@ def build_strategy(cfg: FedgenConfig, recorder: RoundRecorder) -> Strategy:
         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
             replies = list(replies)
             arrays, metrics = super().aggregate_train(server_round, replies)
+            frozen = recorder.frozen_prefixes(server_round)
+            if arrays is not None and frozen:
+                # Clients return frozen parts unchanged, but a server optimiser (FedAdam's
+                # momentum) would still move them: keep exactly what was sent.
+                for key in arrays:
+                    if key.startswith(frozen):
+                        arrays[key] = self._sent[key]
             ok = [r for r in replies if not r.has_error()]
             failures = [
                 f"node {r.metadata.src_node_id}: {r.error.reason}" for r in replies if r.has_error()

@@ -54,3 +54,35 @@ def test_strategy_aggregates_and_records(tmp_path, replies, strategy):
     assert set(report["clients"]) == {"0", "1", "2"}
     line = json.loads((run.path / "metrics.jsonl").read_text())
     assert line["round"] == 1 and line["clients"] == 3 and line["failures"] == 0
+
+
+def test_server_optimiser_leaves_the_frozen_autoencoder_alone(tmp_path):
+    """FedAdam's momentum from the autoencoder rounds must not move `vqvae.*` while the
+    prior trains (clients return it unchanged; the server keeps what it sent)."""
+    cfg = small_config(
+        "model.type=vqvae", "model.vq_channels=8", "model.code_dim=4", "model.codebook_size=16",
+        "model.prior_channels=16", "model.prior_layers=3", "federation.rounds=1",
+        "federation.prior_rounds=1", "federation.strategy=fedadam",
+    )  # fmt: skip
+    recorder = RoundRecorder(cfg, RunDir.create(cfg, tmp_path / "run"))
+    strat = build_strategy(cfg, recorder)
+    contexts = [_context(cfg, pid) for pid in range(cfg.federation.num_clients)]
+    weights = recorder.initial_state()
+    for server_round in (1, 2):
+        sent = ArrayRecord(weights)
+        strat._sent = sent  # what configure_train records of the weights it sends
+        strat.current_arrays = {k: a.numpy() for k, a in sent.items()}
+        msgs = [client_train(_train_message(cfg, weights, server_round), c) for c in contexts]
+        arrays, _ = strat.aggregate_train(server_round, msgs)
+        new = arrays.to_torch_state_dict()
+        moved = [
+            k for k in weights if k.startswith("vqvae.") and not torch.equal(new[k], weights[k])
+        ]
+        if server_round == 1:
+            assert moved  # the autoencoder trains in its own rounds
+        else:
+            assert moved == []
+            assert any(
+                not torch.equal(new[k], weights[k]) for k in weights if k.startswith("prior.")
+            )
+        weights = new
