@@ -69,7 +69,6 @@ def _report(args: argparse.Namespace) -> int:
 def _sample(args: argparse.Namespace) -> int:
     import torch
 
-    from fedgen.config import config_from_dict
     from fedgen.evaluation import class_grid_labels
     from fedgen.models import build_model
     from fedgen.reports import save_image_grid
@@ -78,9 +77,7 @@ def _sample(args: argparse.Namespace) -> int:
     cfg_path = run.path / "config.yaml"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path} does not exist: is {run.path} a fedgen run directory?")
-    import yaml
-
-    cfg = config_from_dict(yaml.safe_load(cfg_path.read_text()))
+    cfg = load_config(cfg_path)
     if cfg.model.type == "vqvae" and cfg.federation.prior_rounds == 0:
         raise ValueError(
             "this VQ-VAE run trained no code prior (federation.prior_rounds=0), so it can "

@@ -239,11 +239,15 @@ class FedgenConfig(_Section):
     @property
     def planned_steps(self) -> int:
         """DP steps a client takes if it joins every round: what the noise is planned for."""
-        prior_steps = self.training.prior_local_steps or self.training.local_steps
-        return (
-            self.federation.rounds * self.training.local_steps
-            + self.federation.prior_rounds * prior_steps
-        )
+        return self.federation.rounds * self.local_steps_for(
+            "vqvae"
+        ) + self.federation.prior_rounds * self.local_steps_for("prior")
+
+    def local_steps_for(self, stage: str) -> int:
+        """DP steps a client takes in one round of `stage`."""
+        if stage == "prior":
+            return self.training.prior_local_steps or self.training.local_steps
+        return self.training.local_steps
 
     def stage(self, server_round: int) -> str:
         """What a round trains: `gan`, or `vqvae` then `prior`."""

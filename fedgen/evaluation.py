@@ -8,6 +8,7 @@ import math
 from functools import cached_property
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -28,12 +29,16 @@ def class_grid_labels(per_class: int, label: int | None = None) -> torch.Tensor:
 @torch.no_grad()
 def reconstruction_metrics(vqvae: nn.Module, images: torch.Tensor, codebook_size: int) -> dict:
     """MSE in [0, 1] pixel units, PSNR of that mean MSE (dB), codebook usage, perplexity."""
-    from fedgen.vqvae import codebook_stats
-
     vqvae.eval()
     recon, codes, _ = vqvae(images)
+    return _metrics(images, recon, codes, codebook_size)
+
+
+def _metrics(images: torch.Tensor, recon: torch.Tensor, codes: torch.Tensor, k: int) -> dict:
+    from fedgen.vqvae import codebook_stats
+
     mse = float(((recon - images) / 2).pow(2).mean())  # [-1, 1] -> [0, 1] scale
-    stats = codebook_stats(codes, codebook_size)
+    stats = codebook_stats(codes, k)
     return {
         "recon_mse": mse,
         "psnr": 10 * math.log10(1.0 / max(mse, 1e-12)),
@@ -52,7 +57,7 @@ class Evaluator:
     def test_images(self) -> torch.Tensor:
         test = load_dataset(self.cfg.data, "test", seed=self.cfg.seed)
         n = min(self.cfg.run.eval_examples, len(test))
-        return to_tensors(test.subset(torch.arange(n).numpy()))[0]
+        return to_tensors(test.subset(np.arange(n)))[0]
 
     def samples(self, model: nn.Module, path: Path) -> None:
         labels = class_grid_labels(self.cfg.run.samples_per_class)
@@ -65,14 +70,13 @@ class Evaluator:
         metrics: dict = {}
         stage = self.cfg.stage(server_round)
         if self.cfg.model.type == "vqvae":
-            metrics = reconstruction_metrics(
-                model.vqvae, self.test_images, self.cfg.model.codebook_size
-            )
-            originals = self.test_images[:16]
+            images = self.test_images
+            model.vqvae.eval()
             with torch.no_grad():
-                recon = model.vqvae(originals)[0]
+                recon, codes, _ = model.vqvae(images)
+            metrics = _metrics(images, recon, codes, self.cfg.model.codebook_size)
             save_image_grid(
-                torch.cat([originals, recon]),
+                torch.cat([images[:16], recon[:16]]),
                 2,
                 out / f"reconstructions_round_{server_round:03d}.png",
             )

@@ -55,11 +55,18 @@ def write_atomic(path: Path, data: bytes | str) -> None:
     os.replace(tmp.name, path)
 
 
-def _plain_mode(path: Path) -> None:
-    # Temporary files are created 0600; give the file the mode a plain open() would.
+def _read_umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    return umask
+
+
+_UMASK = _read_umask()  # once, at import: setting and restoring it is process-wide
+
+
+def _plain_mode(path: Path) -> None:
+    # Temporary files are created 0600; give the file the mode a plain open() would.
+    os.chmod(path, 0o666 & ~_UMASK)
 
 
 def _now() -> str:

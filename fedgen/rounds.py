@@ -121,9 +121,7 @@ def client_round(
 ) -> tuple[LocalResult, ClientPrivacyState]:
     """Train the global model on one client's data for one round of its stage."""
     stage = cfg.stage(server_round)
-    steps = cfg.training.local_steps
-    if stage == "prior":
-        steps = cfg.training.prior_local_steps or steps
+    steps = cfg.local_steps_for(stage)
     spent = sum(h[2] for h in privacy.history)
     if cfg.privacy.enabled and spent + steps > privacy.planned_steps:
         raise RuntimeError(
@@ -154,6 +152,9 @@ def client_round(
     stage_steps = dict(privacy.stage_steps)
     if cfg.privacy.enabled:
         stage_steps[stage] = stage_steps.get(stage, 0) + steps
+        result.metrics["epsilon"] = epsilon_of(
+            result.history, cfg.privacy.delta, cfg.privacy.accountant
+        )
     new_state = ClientPrivacyState(
         privacy.noise_multiplier,
         privacy.sample_rate,
@@ -207,11 +208,8 @@ def _train_vqvae_stage(
         seed,
         proximal_mu,
     )
-    metrics = {"steps": float(steps)}
-    if cfg.privacy.enabled:
-        metrics["epsilon"] = epsilon_of(history, cfg.privacy.delta, cfg.privacy.accountant)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return LocalResult(state, metrics, history)
+    return LocalResult(state, {"steps": float(steps)}, history)
 
 
 class RoundRecorder:

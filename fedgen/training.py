@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedgen.config import PrivacyConfig, TrainingConfig
 from fedgen.models import ConditionalGAN
-from fedgen.privacy import HistoryEntry, epsilon_of
+from fedgen.privacy import HistoryEntry
 
 __all__ = [
     "LocalResult",
@@ -322,8 +322,6 @@ def train_gan_locally(
         "d_steps": float(training.local_steps),
         "g_steps": float(len(g_losses)),
     }
-    if privacy.enabled:
-        metrics["epsilon"] = epsilon_of(new_history, privacy.delta, privacy.accountant)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return LocalResult(state, metrics, new_history)
 
