@@ -1,4 +1,4 @@
-"""`fedgen` command line: simulate, report, sample, config-reference."""
+"""`fedgen` command line: simulate, report, sample, evaluate, config-reference."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import sys
 from pathlib import Path
 
-from fedgen.config import ConfigError, config_reference_markdown, load_config
+from fedgen.config import ConfigError, FedgenConfig, config_reference_markdown, load_config
 from fedgen.data import DataError
 from fedgen.reports import RunDir, format_privacy_table, load_privacy_report
 from fedgen.rounds import preflight
@@ -73,11 +73,7 @@ def _sample(args: argparse.Namespace) -> int:
     from fedgen.models import build_model
     from fedgen.reports import save_image_grid
 
-    run = RunDir(args.run_dir)
-    cfg_path = run.path / "config.yaml"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{cfg_path} does not exist: is {run.path} a fedgen run directory?")
-    cfg = load_config(cfg_path)
+    run, cfg = _load_run(args.run_dir)
     if cfg.model.type == "vqvae" and cfg.federation.prior_rounds == 0:
         raise ValueError(
             "this VQ-VAE run trained no code prior (federation.prior_rounds=0), so it can "
@@ -105,6 +101,84 @@ def _sample(args: argparse.Namespace) -> int:
     save_image_grid(images, rows, Path(args.out))
     what = "one row per class" if args.label is None else f"class {args.label}"
     print(f"[fedgen] {len(labels)} samples ({what}) from round {round_} -> {args.out}")
+    return 0
+
+
+def _load_run(path: str, overrides: list[str] | None = None) -> tuple[RunDir, FedgenConfig]:
+    run = RunDir(path)
+    cfg_path = run.path / "config.yaml"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path} does not exist: is {run.path} a fedgen run directory?")
+    return run, load_config(cfg_path, overrides)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import json
+    import platform
+    import time
+    from datetime import datetime
+
+    import torch
+
+    from fedgen.evaluation import Evaluator
+    from fedgen.models import build_model
+    from fedgen.reports import format_evaluation_table, write_atomic
+
+    run, cfg = _load_run(args.run_dir, args.set)
+    round_, state = run.checkpoint(args.checkpoint)
+    model = build_model(cfg.model)
+    model.load_state_dict(state)
+    evaluator = Evaluator(cfg)
+    downstream = cfg.evaluation.downstream != "off"
+    generates = cfg.stage(round_) != "vqvae"
+    print(
+        f"[fedgen] evaluating round {round_} of {run.path} ({cfg.model.type}, "
+        f"{cfg.evaluation.samples} samples for the Frechet distance"
+        + (", downstream accuracy" if downstream and generates else "")
+        + ")",
+        flush=True,
+    )
+    started = time.perf_counter()
+    # The VQ-VAE's reconstructions are measured on the whole test split here.
+    recon = evaluator.real_test[0] if cfg.model.type == "vqvae" else None
+    metrics = evaluator.evaluate(model, round_, run.path / "evaluation", downstream, recon)
+    privacy: dict = {"private": cfg.privacy.enabled}
+    report_path = run.path / "privacy_report.json"
+    if cfg.privacy.enabled and report_path.is_file():
+        report = load_privacy_report(run.path)
+        spent = [r for r in report["rounds"] if r["round"] <= round_]
+        privacy |= {
+            "max_epsilon": max(spent[-1]["epsilon"].values()) if spent else 0.0,
+            "delta": report["delta"],
+            "accountant": report["accountant"],
+            "target_epsilon": report["target_epsilon"],
+        }
+    result = {
+        "run_dir": str(run.path),
+        "round": round_,
+        "stage": cfg.stage(round_),
+        "model": cfg.model.type,
+        "dataset": cfg.data.dataset,
+        "clients": cfg.federation.num_clients,
+        "partition": cfg.federation.partition,
+        "dirichlet_alpha": (
+            cfg.federation.dirichlet_alpha if cfg.federation.partition == "dirichlet" else None
+        ),
+        "rounds": cfg.total_rounds,
+        "privacy": privacy,
+        "metrics": metrics,
+        "evaluation_settings": cfg.evaluation.model_dump(mode="json"),
+        "seconds": time.perf_counter() - started,
+        "machine": f"{platform.machine()} {platform.processor() or ''} "
+        f"{torch.get_num_threads()} threads, "
+        + (torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"),
+        "date": datetime.now().isoformat(timespec="seconds"),
+    }
+    out = Path(args.out) if args.out else run.path / "evaluation.json"
+    write_atomic(out, json.dumps(result, indent=2))
+    print()
+    print(format_evaluation_table(result))
+    print(f"\n[fedgen] wrote {out}")
     return 0
 
 
@@ -146,6 +220,23 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--checkpoint", type=int, help="round to load (default: the latest)")
     smp.add_argument("--seed", type=int, default=0, help="seed of the latent noise")
     smp.set_defaults(func=_sample)
+
+    ev = sub.add_parser(
+        "evaluate",
+        help="measure sample quality of a run (Frechet distance, label consistency, "
+        "downstream accuracy) and write evaluation.json",
+    )
+    ev.add_argument("run_dir")
+    ev.add_argument("--checkpoint", type=int, help="round to load (default: the latest)")
+    ev.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a setting of the run's config (e.g. evaluation.downstream_epochs=5)",
+    )
+    ev.add_argument("--out", help="JSON to write (default: RUN_DIR/evaluation.json)")
+    ev.set_defaults(func=_evaluate)
 
     ref = sub.add_parser("config-reference", help="print the reference of every config key")
     ref.add_argument("--out", help="write to this file instead of stdout")

@@ -43,13 +43,59 @@ class RunConfig(_Section):
     eval_every: int = Field(
         1,
         ge=1,
-        description="Evaluate on the real test set and save sample grids every this many "
-        "rounds (and after the last).",
+        description="Evaluate on the real test set every this many rounds (and after the "
+        "last): sample grids, Frechet distance, label consistency, reconstruction metrics; "
+        "downstream accuracy as `evaluation.downstream` says.",
     )
     eval_examples: int = Field(
         1000, ge=10, description="Test images used by the per-round evaluation."
     )
     samples_per_class: int = Field(8, ge=1, le=32, description="Columns of the sample grid.")
+
+
+class EvaluationConfig(_Section):
+    samples: int = Field(
+        10_000,
+        ge=100,
+        le=1_000_000,
+        description="Generated images (and real test images, at most the test set) compared "
+        "by the Frechet distance and label consistency.",
+    )
+    downstream: Literal["off", "final", "every"] = Field(
+        "final",
+        description="When the server measures downstream accuracy (costly: it trains a CNN): "
+        "`final` after the last round, `every` at each evaluation, `off` never. "
+        "`fedgen evaluate` always does unless `off`.",
+    )
+    downstream_examples: int | None = Field(
+        None,
+        ge=20,
+        description="Generated, labelled images the downstream CNN learns from (unset: as "
+        "many as the real training set).",
+    )
+    downstream_epochs: int = Field(
+        10, ge=1, le=1000, description="Epochs of the downstream CNN (best one kept)."
+    )
+    holdout_fraction: float = Field(
+        0.1,
+        gt=0.0,
+        lt=0.9,
+        description="Share of the generated images held out to choose the downstream epoch "
+        "(the real test set is never used for that).",
+    )
+    evaluator_epochs: int = Field(
+        4, ge=1, le=1000, description="Epochs of the evaluator CNN on the real training split."
+    )
+    cache_dir: str | None = Field(
+        None,
+        description="Where trained evaluators are cached by data fingerprint (unset: "
+        "$FEDGEN_CACHE_DIR/evaluators, else ~/.cache/fedgen/evaluators).",
+    )
+    inception_weights: str | None = Field(
+        None,
+        description="Local TorchScript FID Inception file (inception-2015-12-05.pt) for "
+        "Inception FID; unset: skipped with a notice.",
+    )
 
 
 class DataConfig(_Section):
@@ -155,7 +201,15 @@ class TrainingConfig(_Section):
     batch_size: int = Field(
         64,
         ge=1,
-        description="Poisson batch size; sample rate = 1/ceil(n/batch_size) (Opacus's rule).",
+        description="Logical (Poisson) batch size; sample rate = 1/ceil(n/batch_size) "
+        "(Opacus's rule). Noise and accounting depend on it.",
+    )
+    physical_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="Largest batch put through the network at once; a larger logical batch "
+        "is processed in chunks and stepped once, as Opacus's BatchMemoryManager does "
+        "(same result, less memory). Unset: the whole batch at once.",
     )
     lr_discriminator: float = Field(2e-4, gt=0.0, le=1.0, description="Adam lr of D.")
     lr_generator: float = Field(2e-4, gt=0.0, le=1.0, description="Adam lr of G.")
@@ -198,6 +252,7 @@ class FedgenConfig(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> FedgenConfig:

@@ -1,6 +1,9 @@
-"""Evaluation on the evaluation side's own data (the real test split), never on a
-client's: sample grids for both model families and, for the VQ-VAE, reconstruction MSE,
-PSNR, codebook usage and perplexity, with a PNG of originals above reconstructions."""
+"""Evaluation on the evaluation side's own data (its copy of the real splits), never on a
+client's: sample grids for both model families; for the VQ-VAE, reconstruction MSE, PSNR,
+codebook usage and perplexity, with a PNG of originals above reconstructions; and, for
+anything that generates, the quality metrics of `fedgen.quality` (Frechet distance in the
+evaluator's feature space, label consistency, downstream accuracy, optional Inception FID).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedgen import quality
 from fedgen.config import FedgenConfig
 from fedgen.data import NUM_CLASSES, load_dataset, to_tensors
 from fedgen.reports import save_image_grid
@@ -47,17 +51,82 @@ def _metrics(images: torch.Tensor, recon: torch.Tensor, codes: torch.Tensor, k: 
     }
 
 
-class Evaluator:
-    """Evaluates the global model after a round (server side)."""
+def _print(message: str) -> None:
+    print(f"[fedgen] {message}", flush=True)
 
-    def __init__(self, cfg: FedgenConfig) -> None:
+
+class Evaluator:
+    """Evaluates a global model: after a round (server side) or from a checkpoint
+    (`fedgen evaluate`)."""
+
+    def __init__(self, cfg: FedgenConfig, log: quality.Log | None = _print) -> None:
         self.cfg = cfg
+        self.log = log
+        self._inception_notice_given = False
+
+    @cached_property
+    def real_train(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return to_tensors(load_dataset(self.cfg.data, "train", seed=self.cfg.seed))
+
+    @cached_property
+    def real_test(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return to_tensors(load_dataset(self.cfg.data, "test", seed=self.cfg.seed))
 
     @cached_property
     def test_images(self) -> torch.Tensor:
-        test = load_dataset(self.cfg.data, "test", seed=self.cfg.seed)
-        n = min(self.cfg.run.eval_examples, len(test))
-        return to_tensors(test.subset(np.arange(n)))[0]
+        """The slice of the test split the per-round reconstruction metrics use."""
+        return self.real_test[0][: self.cfg.run.eval_examples]
+
+    @cached_property
+    def evaluator(self) -> tuple[quality.Classifier, dict]:
+        ev = self.cfg.evaluation
+        cache = Path(ev.cache_dir).expanduser() if ev.cache_dir else quality.default_cache_dir()
+        recipe = quality.ClassifierRecipe(epochs=ev.evaluator_epochs, seed=self.cfg.seed)
+        return quality.load_or_train_evaluator(
+            self.real_train, self.real_test, recipe, cache, self.log
+        )
+
+    @cached_property
+    def _real_features(self) -> np.ndarray:
+        classifier, _ = self.evaluator
+        return quality.features(classifier, self.real_test[0][: self.cfg.evaluation.samples])
+
+    def quality(self, model: nn.Module, downstream: bool) -> dict:
+        """Quality of `model`'s class-conditional samples against the real test split."""
+        ev, seed = self.cfg.evaluation, self.cfg.seed
+        classifier, info = self.evaluator
+        labels = quality.balanced_labels(ev.samples, seed)
+        images = quality.generate(model, labels, seed)
+        real = self.real_test[0][: ev.samples]
+        metrics: dict = {
+            "evaluator_test_accuracy": info["test_accuracy"],
+            "frechet_distance": quality.frechet_distance(
+                quality.features(classifier, images), self._real_features
+            ),
+            "frechet_generated_samples": len(images),
+            "frechet_real_samples": len(real),
+            "label_consistency": quality.label_consistency(classifier, images, labels),
+        }
+        if ev.inception_weights:
+            weights = Path(ev.inception_weights).expanduser()
+            metrics["inception_fid"] = quality.frechet_distance(
+                quality.inception_features(weights, images),
+                quality.inception_features(weights, real),
+            )
+        elif not self._inception_notice_given and self.log is not None:
+            self.log("Inception FID skipped: set evaluation.inception_weights to a local file")
+            self._inception_notice_given = True
+        if downstream:
+            n = ev.downstream_examples or len(self.real_train[1])
+            if self.log is not None:
+                self.log(f"downstream: generating {n} labelled images")
+            down_labels = quality.balanced_labels(n, seed + 1)
+            down_images = quality.generate(model, down_labels, seed + 1)
+            recipe = quality.ClassifierRecipe(epochs=ev.downstream_epochs, seed=seed)
+            metrics |= quality.downstream_accuracy(
+                down_images, down_labels, self.real_test, recipe, ev.holdout_fraction, self.log
+            )
+        return metrics
 
     def samples(self, model: nn.Module, path: Path) -> None:
         labels = class_grid_labels(self.cfg.run.samples_per_class)
@@ -65,12 +134,19 @@ class Evaluator:
         gen = torch.Generator().manual_seed(self.cfg.seed)
         save_image_grid(model.sample(labels, generator=gen), NUM_CLASSES, path)
 
-    def evaluate(self, model: nn.Module, server_round: int, out: Path) -> dict:
+    def evaluate(
+        self,
+        model: nn.Module,
+        server_round: int,
+        out: Path,
+        downstream: bool = False,
+        reconstruction_images: torch.Tensor | None = None,
+    ) -> dict:
         """Write the round's pictures under `out` and return its metrics."""
         metrics: dict = {}
         stage = self.cfg.stage(server_round)
         if self.cfg.model.type == "vqvae":
-            images = self.test_images
+            images = self.test_images if reconstruction_images is None else reconstruction_images
             model.vqvae.eval()
             with torch.no_grad():
                 recon, codes, _ = model.vqvae(images)
@@ -82,4 +158,5 @@ class Evaluator:
             )
         if stage != "vqvae":  # a GAN always samples; a VQ-VAE once its prior trains
             self.samples(model, out / f"round_{server_round:03d}.png")
+            metrics |= self.quality(model, downstream)
         return metrics

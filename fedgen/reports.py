@@ -361,3 +361,89 @@ def _plot_epsilon(report: dict[str, Any], path: Path) -> None:
     fig.savefig(tmp)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+QUALITY_PANELS = (
+    ("frechet_distance", "Frechet distance (evaluator features)", False),
+    ("label_consistency", "label consistency", True),
+    ("downstream_accuracy", "downstream accuracy", True),
+)
+
+
+def plot_quality(lines: list[dict[str, Any]], path: Path) -> None:
+    """Quality figures of the evaluated rounds against the round and, for a private run,
+    against the epsilon spent by then: where the privacy went, and what it bought."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    private = any(line.get("max_epsilon") is not None for line in lines)
+    axes_x = [("round", "round")] + (
+        [("max_epsilon", "max epsilon over clients")] if private else []
+    )
+    fig, axes = plt.subplots(
+        len(QUALITY_PANELS), len(axes_x), figsize=(5 * len(axes_x), 8), dpi=100, squeeze=False
+    )
+    for row, (key, title, higher_better) in enumerate(QUALITY_PANELS):
+        points = [line for line in lines if line.get("eval", {}).get(key) is not None]
+        for col, (xkey, xlabel) in enumerate(axes_x):
+            ax = axes[row][col]
+            xs = [p[xkey] for p in points if p.get(xkey) is not None]
+            ys = [p["eval"][key] for p in points if p.get(xkey) is not None]
+            ax.plot(xs, ys, marker="o")
+            ax.set_ylabel(
+                title + (" (higher is better)" if higher_better else " (lower is better)")
+            )
+            ax.set_xlabel(xlabel)
+            if higher_better:
+                ax.set_ylim(0, 1)
+            ax.grid(alpha=0.3)
+    fig.suptitle("Sample quality on the real test set")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+_EVALUATION_ROWS = (
+    ("evaluator_test_accuracy", "evaluator test accuracy (real)", "{:.4f}"),
+    ("frechet_distance", "Frechet distance (evaluator features)", "{:.3f}"),
+    ("frechet_generated_samples", "  generated / real samples", None),
+    ("label_consistency", "label consistency", "{:.4f}"),
+    ("inception_fid", "Inception FID", "{:.2f}"),
+    ("downstream_accuracy", "downstream accuracy (real test)", "{:.4f}"),
+    ("downstream_selected_epoch", "  epoch chosen on held-out generated", "{}"),
+    ("recon_mse", "reconstruction MSE", "{:.5f}"),
+    ("psnr", "reconstruction PSNR (dB)", "{:.2f}"),
+    ("codebook_usage", "codebook usage", "{:.3f}"),
+    ("codebook_perplexity", "codebook perplexity", "{:.2f}"),
+)
+
+
+def format_evaluation_table(result: dict[str, Any]) -> str:
+    """The figures of an evaluation.json as a two-column table."""
+    m, p = result["metrics"], result["privacy"]
+    where = f"{result['partition']}" + (
+        f" alpha {result['dirichlet_alpha']:g}" if result.get("dirichlet_alpha") else ""
+    )
+    eps = (
+        f"epsilon {p['max_epsilon']:.3f} at delta {p['delta']:g} ({p['accountant']})"
+        if p.get("max_epsilon") is not None
+        else ("private (no report yet)" if p["private"] else "non-private")
+    )
+    rows = [
+        ("run", f"{result['model']} on {result['dataset']}, round {result['round']}"),
+        ("federation", f"{result['clients']} clients, {where}, {result['rounds']} rounds"),
+        ("privacy", eps),
+    ]
+    for key, label, fmt in _EVALUATION_ROWS:
+        if key not in m:
+            continue
+        if key == "frechet_generated_samples":
+            rows.append((label, f"{m[key]} / {m['frechet_real_samples']}"))
+        else:
+            rows.append((label, "skipped" if m[key] is None else fmt.format(m[key])))
+    width = max(len(label) for label, _ in rows)
+    return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)

@@ -22,7 +22,7 @@ from fedgen.privacy import (
     epsilon_of,
     sample_rate_for,
 )
-from fedgen.reports import PrivacyLedger, RunDir
+from fedgen.reports import PrivacyLedger, RunDir, plot_quality
 from fedgen.training import LocalResult, resolve_device, train_dp_locally, train_gan_locally
 from fedgen.vqvae import encode_codes, prior_loss, vqvae_loss
 
@@ -207,6 +207,7 @@ def _train_vqvae_stage(
         device,
         seed,
         proximal_mu,
+        tr.physical_batch_size,
     )
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return LocalResult(state, {"steps": float(steps)}, history)
@@ -222,6 +223,7 @@ class RoundRecorder:
         self.ledger = PrivacyLedger(cfg)
         self.evaluator = Evaluator(cfg)
         self._round_start = time.perf_counter()
+        self._quality: list[dict[str, Any]] = []  # metrics lines with quality figures
 
     def round_started(self) -> None:
         self._round_start = time.perf_counter()
@@ -236,7 +238,9 @@ class RoundRecorder:
     def evaluate(self, server_round: int, state: dict[str, torch.Tensor]) -> dict[str, Any]:
         model = build_model(self.cfg.model, NUM_CLASSES)
         model.load_state_dict(state)
-        return self.evaluator.evaluate(model, server_round, self.run_dir.samples)
+        mode = self.cfg.evaluation.downstream
+        downstream = mode == "every" or (mode == "final" and server_round == self.cfg.total_rounds)
+        return self.evaluator.evaluate(model, server_round, self.run_dir.samples, downstream)
 
     def record(
         self,
@@ -274,6 +278,9 @@ class RoundRecorder:
         if evaluation:
             line["eval"] = evaluation
         self.run_dir.append_metrics(line)
+        if "frechet_distance" in evaluation:
+            self._quality.append(line)
+            plot_quality(self._quality, self.run_dir.path / "quality.png")
         return line
 
     def print_progress(self, line: dict[str, Any]) -> None:
@@ -291,6 +298,14 @@ class RoundRecorder:
                 if ev
                 else ""
             )
+        ev = line.get("eval", {})
+        if "frechet_distance" in ev:
+            losses += (
+                f"  FD {ev['frechet_distance']:.2f}  label consistency "
+                f"{ev['label_consistency']:.3f}"
+            )
+        if "downstream_accuracy" in ev:
+            losses += f"  downstream accuracy {ev['downstream_accuracy']:.4f}"
         print(
             f"[fedgen] round {line['round']}/{self.cfg.total_rounds}: {line['clients']} clients"
             f"{losses}{eps}{fails}  ({line['round_seconds']:.1f}s)",

@@ -22,6 +22,7 @@ Why this is private (sample level, per client):
 from __future__ import annotations
 
 import contextlib
+import math
 import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -161,7 +162,7 @@ def _split_fake_rows(
     params: list[nn.Parameter], n_real: int, max_norm: float
 ) -> list[torch.Tensor]:
     """Keep the real rows of each per-example gradient for Opacus to clip and noise, and
-    return the mean of the fake rows, each clipped to `max_norm`.
+    return the sum of the fake rows, each clipped to `max_norm`.
 
     Clipping the fake rows is for balance, not privacy (they read no private data and get
     no noise): unclipped, they dwarf the clipped real-image gradient and the discriminator
@@ -171,7 +172,23 @@ def _split_fake_rows(
         p.grad_sample = p.grad_sample[:n_real]
     norms = torch.stack([g.flatten(1).norm(dim=1) for g in fake_rows], dim=1).norm(dim=1)
     factor = (max_norm / (norms + 1e-6)).clamp(max=1.0)
-    return [torch.einsum("i,i...->...", factor, g) / len(factor) for g in fake_rows]
+    return [torch.einsum("i,i...->...", factor, g) for g in fake_rows]
+
+
+def _chunks(total: int, physical_batch_size: int | None) -> int:
+    """How many passes a batch of `total` rows needs to stay within the physical size."""
+    if physical_batch_size is None or total <= physical_batch_size:
+        return 1
+    return math.ceil(total / physical_batch_size)
+
+
+def _accumulate_chunk(optimizer: DPOptimizer) -> None:
+    """Clip this pass's per-example gradients into the optimizer's running sum and take no
+    step: the mechanism of Opacus's BatchMemoryManager. Noise is added once per logical
+    batch, and the accountant records one step."""
+    optimizer.signal_skip_step(do_skip=True)
+    optimizer.pre_step()
+    optimizer.zero_grad(set_to_none=True)  # keeps the running sum (the step was skipped)
 
 
 def discriminator_step(
@@ -182,42 +199,62 @@ def discriminator_step(
     fake: torch.Tensor | None = None,
     fake_labels: torch.Tensor | None = None,
     extra_grads: ExtraGrads | None = None,
+    physical_batch_size: int | None = None,
 ) -> float:
     """One discriminator update on a real batch (and optionally a fake one).
 
-    Real and fake images go through one forward/backward pass. Under DP, Opacus clips and
-    noises the real rows only; the fake rows' (clipped) mean and `extra_grads` are added
-    after the noise (see the module doc). Returns the mean loss on fake images."""
+    Real and fake images go through one forward/backward pass (or several of at most
+    `physical_batch_size` rows, with the same result). Under DP, Opacus clips and noises
+    the real rows only; the fake rows' (clipped) mean and `extra_grads` are added after the
+    noise (see the module doc). Returns the mean loss on fake images."""
     is_dp = isinstance(optimizer, DPOptimizer)
     params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
     optimizer.zero_grad(set_to_none=True)
     n_real = real.shape[0]
     n_fake = 0 if fake is None else fake.shape[0]
-    images = real if fake is None else torch.cat([real, fake])
-    labels = real_labels if fake is None else torch.cat([real_labels, fake_labels])
-    logits = disc(images, labels)
-    fake_sum = _bce_terms(logits[n_real:], 0.0)
-    if is_dp:
-        # Sum over rows / rows: Opacus rescales by the rows of the pass, so each row's
-        # grad_sample is exactly that example's gradient (and an empty real batch is 0).
-        loss = (_bce_terms(logits[:n_real], 1.0) + fake_sum) / max(1, n_real + n_fake)
-    else:
-        loss = _bce_terms(logits[:n_real], 1.0) / max(1, n_real) + fake_sum / max(1, n_fake)
-    loss.backward()
-    public = _split_fake_rows(params, n_real, optimizer.max_grad_norm) if is_dp and n_fake else None
+    k = _chunks(n_real + n_fake, physical_batch_size)
+    real_parts = list(zip(real.tensor_split(k), real_labels.tensor_split(k), strict=True))
+    fake_parts = (
+        list(zip(fake.tensor_split(k), fake_labels.tensor_split(k), strict=True))
+        if fake is not None and fake_labels is not None
+        else [(real[:0], real_labels[:0])] * k
+    )
+    fake_loss = 0.0
+    public: list[torch.Tensor] | None = None
+    for i, ((r, r_labels), (f, f_labels)) in enumerate(zip(real_parts, fake_parts, strict=True)):
+        nr, nf = r.shape[0], f.shape[0]
+        logits = disc(torch.cat([r, f]), torch.cat([r_labels, f_labels]))
+        fake_sum = _bce_terms(logits[nr:], 0.0)
+        fake_loss += float(fake_sum.detach())
+        real_sum = _bce_terms(logits[:nr], 1.0)
+        if is_dp:
+            # Sum over rows / rows: Opacus rescales by the rows of the pass, so each row's
+            # grad_sample is exactly that example's gradient (and an empty real batch is 0).
+            loss = (real_sum + fake_sum) / max(1, nr + nf)
+        else:  # plain gradients add up over passes: normalise by the whole batch
+            loss = real_sum / max(1, n_real) + fake_sum / max(1, n_fake)
+        loss.backward()
+        if not is_dp:
+            continue
+        if nf:
+            part = _split_fake_rows(params, nr, optimizer.max_grad_norm)
+            public = part if public is None else [a + b for a, b in zip(public, part, strict=True)]
+        if i < k - 1:
+            _accumulate_chunk(optimizer)
+    fake_loss /= max(1, n_fake)
     if is_dp and not optimizer.pre_step():  # clip per example, add noise, account
-        return float(fake_sum.detach()) / max(1, n_fake)
+        return fake_loss
     if public is not None or extra_grads is not None:
         extra = extra_grads(params) if extra_grads is not None else None
         for i, p in enumerate(params):
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             if public is not None:
-                p.grad.add_(public[i])
+                p.grad.add_(public[i] / n_fake)
             if extra is not None:
                 p.grad.add_(extra[i])
     (optimizer.original_optimizer if is_dp else optimizer).step()
-    return float(fake_sum.detach()) / max(1, n_fake)
+    return fake_loss
 
 
 def generator_step(
@@ -304,7 +341,16 @@ def train_gan_locally(
                     torch.randn(training.batch_size, gen.latent_dim, device=device), fake_labels
                 )
             d_losses.append(
-                discriminator_step(d_module, d_opt, real, real_labels, fake, fake_labels, prox)
+                discriminator_step(
+                    d_module,
+                    d_opt,
+                    real,
+                    real_labels,
+                    fake,
+                    fake_labels,
+                    prox,
+                    training.physical_batch_size,
+                )
             )
             if (step + 1) % training.d_steps_per_g_step == 0:
                 g_losses.append(
@@ -342,6 +388,7 @@ def train_dp_locally(
     device: torch.device,
     seed: int,
     proximal_mu: float = 0.0,
+    physical_batch_size: int | None = None,
 ) -> list[HistoryEntry]:
     """Plain DP-SGD (Adam) on `module` for `steps` Poisson-sampled batches of `tensors`:
     every parameter's per-example gradient is clipped and noised. `loss_fn(module, *batch)`
@@ -362,7 +409,15 @@ def train_dp_locally(
         for _ in range(steps):
             batch = [t.to(device) for t in next(batches)]
             opt.zero_grad(set_to_none=True)
-            loss_fn(wrapped, *batch).backward()
+            n = batch[0].shape[0]
+            k = _chunks(n, physical_batch_size)
+            for i, chunk in enumerate(zip(*(t.tensor_split(k) for t in batch), strict=True)):
+                loss = loss_fn(wrapped, *chunk)
+                # DP: Opacus rescales each pass's mean into exact per-example gradients;
+                # plain: weight each pass's mean by its share of the batch.
+                (loss if is_dp else loss * (chunk[0].shape[0] / max(1, n))).backward()
+                if is_dp and i < k - 1:
+                    _accumulate_chunk(opt)
             if is_dp and not opt.pre_step():  # clip per example, add noise, account
                 continue
             if prox is not None:  # data-independent: added after the noise

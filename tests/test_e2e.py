@@ -12,10 +12,20 @@ from fedgen.privacy import epsilon_of
 from .conftest import REPO
 
 ROUNDS, CLIENTS, LOCAL_STEPS = 2, 3, 6
+# Small but real quality evaluation: the evaluator trains on the run's 1500 images.
+EVALUATION = [
+    "evaluation.samples=300", "evaluation.downstream_examples=400",
+    "evaluation.downstream_epochs=2", "evaluation.evaluator_epochs=1",
+]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, mnist_dir):
+def evaluator_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("evaluators")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, mnist_dir, evaluator_cache):
     out = tmp_path_factory.mktemp("e2e") / "run"
     cmd = [
         sys.executable, "-m", "fedgen.cli", "simulate", str(REPO / "configs" / "mnist_gan.yaml"),
@@ -33,7 +43,10 @@ def run_dir(tmp_path_factory, mnist_dir):
         "--set", "model.groups=4",
         "--set", "run.eval_every=1",
         "--set", "device=cpu",
+        "--set", f"evaluation.cache_dir={evaluator_cache}",
     ]  # fmt: skip
+    for setting in EVALUATION:
+        cmd += ["--set", setting]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=420, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "final epsilon" in proc.stdout and str(out) in proc.stdout
@@ -43,7 +56,7 @@ def run_dir(tmp_path_factory, mnist_dir):
 def test_run_directory_holds_every_file(run_dir):
     for name in (
         "config.yaml", "manifest.json", "metrics.jsonl", "privacy_report.json",
-        "privacy_report.md", "privacy_epsilon.png",
+        "privacy_report.md", "privacy_epsilon.png", "quality.png",
     ):  # fmt: skip
         assert (run_dir / name).is_file(), name
     for r in range(1, ROUNDS + 1):
@@ -60,6 +73,12 @@ def test_run_directory_holds_every_file(run_dir):
     assert [x["round"] for x in lines] == list(range(1, ROUNDS + 1))
     assert all(x["clients"] == CLIENTS and x["round_seconds"] > 0 for x in lines)
     assert all(x["g_loss"] is not None and x["d_loss_fake"] is not None for x in lines)
+    # The server measured quality every round, and downstream accuracy after the last.
+    for x in lines:
+        assert x["eval"]["frechet_distance"] > 0 and 0 <= x["eval"]["label_consistency"] <= 1
+        assert x["eval"]["frechet_generated_samples"] == 300
+    assert "downstream_accuracy" not in lines[0]["eval"]
+    assert 0 <= lines[-1]["eval"]["downstream_accuracy"] <= 1
 
 
 def test_privacy_report_is_cumulative_and_recomputable(run_dir):
@@ -109,3 +128,32 @@ def test_sample_command_works_for_the_gan(run_dir, tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert Image.open(out).size == (2 * (3 * 30 + 2), 2 * (10 * 30 + 2))  # 10 classes x 3
+
+
+def test_evaluate_command_writes_every_metric(run_dir, evaluator_cache):
+    from fedgen.cli import main
+
+    out = run_dir / "evaluation.json"
+    sets = [*EVALUATION, f"evaluation.cache_dir={evaluator_cache}"]
+    assert main(["evaluate", str(run_dir), *sum((["--set", s] for s in sets), [])]) == 0
+    result = json.loads(out.read_text())
+    m = result["metrics"]
+    for key in (
+        "evaluator_test_accuracy", "frechet_distance", "label_consistency",
+        "downstream_accuracy", "downstream_selected_epoch", "downstream_holdout_accuracy",
+    ):  # fmt: skip
+        assert m[key] is not None, key
+    assert m["frechet_generated_samples"] == 300 and m["downstream_train_examples"] == 360
+    assert result["round"] == ROUNDS and result["clients"] == CLIENTS
+    report = json.loads((run_dir / "privacy_report.json").read_text())
+    assert result["privacy"]["max_epsilon"] == pytest.approx(report["max_epsilon"])
+    assert result["privacy"]["delta"] == 1e-5 and result["privacy"]["accountant"] == "rdp"
+    # The evaluator the server trained during the run was reused, not trained again.
+    assert len(list(evaluator_cache.glob("evaluator-*.safetensors"))) == 1
+    # An earlier checkpoint is evaluated on request, with the epsilon spent by then.
+    early = run_dir / "early.json"
+    args = ["evaluate", str(run_dir), "--checkpoint", "1", "--out", str(early)]
+    assert main([*args, *sum((["--set", s] for s in sets), [])]) == 0
+    first = json.loads(early.read_text())
+    assert first["round"] == 1
+    assert first["privacy"]["max_epsilon"] < result["privacy"]["max_epsilon"]

@@ -127,3 +127,63 @@ def test_client_reply_holds_only_weights_scalars_and_its_cumulative_history():
         epsilons.append(metrics["epsilon"])
         weights = copy.deepcopy(arrays)
     assert 0 < epsilons[0] < epsilons[1] < epsilons[2] <= cfg.privacy.target_epsilon
+
+
+def _chunked_update(x, y, fake, fake_y, private: bool, physical: int | None) -> torch.Tensor:
+    torch.manual_seed(0)
+    disc = Discriminator(channels=8, num_classes=10, groups=4)
+    before = _flat(disc).clone()
+    opt = torch.optim.SGD(disc.parameters(), lr=1.0)
+    module = disc
+    if private:
+        loader = DataLoader(TensorDataset(x, y), batch_size=len(x))
+        module, opt, _, engine = make_private(
+            disc, opt, loader, PrivacyConfig(max_grad_norm=0.1), noise_multiplier=0.0, history=[]
+        )
+    discriminator_step(module, opt, x, y, fake, fake_y, physical_batch_size=physical)
+    if private:  # one logical batch is one accounted step, however many passes it took
+        assert len(engine.accountant.history) == 1 and engine.accountant.history[0][2] == 1
+    return _flat(disc) - before
+
+
+@pytest.mark.parametrize("private", [True, False])
+def test_physical_batches_give_the_logical_batch_update(private):
+    gen = torch.Generator().manual_seed(1)
+    x, fake = torch.rand(13, 1, 28, 28, generator=gen) * 2 - 1, torch.rand(9, 1, 28, 28) * 2 - 1
+    y, fake_y = torch.randint(0, 10, (13,), generator=gen), torch.randint(0, 10, (9,))
+    whole = _chunked_update(x, y, fake, fake_y, private, None)
+    chunked = _chunked_update(x, y, fake, fake_y, private, 5)  # 22 rows: 5 passes
+    assert whole.norm() > 0
+    torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_physical_batches_in_plain_dp_sgd(enabled):
+    from fedgen.training import train_dp_locally
+
+    gen = torch.Generator().manual_seed(2)
+    x, target = torch.randn(200, 6, generator=gen), torch.randn(200, 2, generator=gen)
+    privacy = PrivacyConfig(enabled=enabled, reproducible_noise=True, max_grad_norm=0.5)
+
+    def run(physical):
+        torch.manual_seed(0)
+        net = torch.nn.Linear(6, 2)
+        history = train_dp_locally(
+            net,
+            (x, target),
+            lambda m, a, b: ((m(a) - b) ** 2).mean(),
+            3,
+            64,
+            0.1,
+            privacy,
+            0.0,
+            [],
+            torch.device("cpu"),
+            seed=7,
+            physical_batch_size=physical,
+        )
+        return _flat(net), history
+
+    (whole, h1), (chunked, h2) = run(None), run(10)
+    torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-6)
+    assert h1 == h2 and len(h1) == (1 if enabled else 0)

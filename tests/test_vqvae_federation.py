@@ -72,7 +72,10 @@ def vq_run(tmp_path_factory, mnist_dir):
         "training.local_steps=5", "training.prior_local_steps=5", "training.batch_size=32",
         "model.vq_channels=8", "model.code_dim=4", "model.codebook_size=16", "model.groups=4",
         "model.prior_channels=16", "model.prior_layers=3", "run.eval_every=1",
-        "run.eval_examples=200", "device=cpu",
+        "run.eval_examples=200", "device=cpu", "evaluation.samples=200",
+        "evaluation.downstream_examples=300", "evaluation.downstream_epochs=1",
+        "evaluation.evaluator_epochs=1",
+        f"evaluation.cache_dir={tmp_path_factory.mktemp('evaluators')}",
     ]  # fmt: skip
     cmd = [
         sys.executable,
@@ -122,6 +125,26 @@ def test_sample_command_writes_grids(vq_run, tmp_path):
         assert Image.open(out).size[0] > 0
     # 10 rows (one per class) of 2 columns
     assert Image.open(tmp_path / "all.png").size == (2 * (2 * 30 + 2), 2 * (10 * 30 + 2))
+
+
+def test_evaluate_measures_prior_samples_and_reconstructions(vq_run):
+    from fedgen.cli import main
+
+    assert main(["evaluate", str(vq_run)]) == 0
+    result = json.loads((vq_run / "evaluation.json").read_text())
+    m = result["metrics"]
+    assert result["stage"] == "prior" and result["model"] == "vqvae"
+    for key in ("recon_mse", "psnr", "codebook_usage", "frechet_distance", "label_consistency",
+                "downstream_accuracy"):  # fmt: skip
+        assert m[key] is not None, key
+    # Reconstructions over the whole test split here, not the per-round slice.
+    assert (vq_run / "evaluation" / "reconstructions_round_003.png").is_file()
+    # During the autoencoder's rounds there is nothing to sample, so no quality figures.
+    assert (
+        main(["evaluate", str(vq_run), "--checkpoint", "2", "--out", str(vq_run / "e2.json")]) == 0
+    )
+    early = json.loads((vq_run / "e2.json").read_text())["metrics"]
+    assert "psnr" in early and "frechet_distance" not in early
 
 
 def test_sample_before_the_prior_is_refused(vq_run, tmp_path):
