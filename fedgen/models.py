@@ -25,7 +25,9 @@ IMAGE_SIZE = 28
 
 
 class Generator(nn.Module):
-    """(z, label) -> image in [-1, 1]: 7x7 -> 14x14 -> 28x28 transposed convolutions."""
+    """(z, label) -> image in [-1, 1]: 7x7 -> 14x14 -> 28x28 by nearest upsampling and 3x3
+    convolutions (transposed stride-2 convolutions leave checkerboard speckle), then a 3x3
+    convolution to one channel."""
 
     def __init__(self, latent_dim: int, channels: int, num_classes: int, groups: int) -> None:
         super().__init__()
@@ -38,10 +40,15 @@ class Generator(nn.Module):
         self.body = nn.Sequential(
             nn.GroupNorm(groups, wide),
             nn.ReLU(),
-            nn.ConvTranspose2d(wide, channels, 4, stride=2, padding=1),  # 14x14
+            nn.Upsample(scale_factor=2, mode="nearest"),  # 14x14
+            nn.Conv2d(wide, channels, 3, padding=1),
             nn.GroupNorm(groups // 2 or 1, channels),
             nn.ReLU(),
-            nn.ConvTranspose2d(channels, 1, 4, stride=2, padding=1),  # 28x28
+            nn.Upsample(scale_factor=2, mode="nearest"),  # 28x28
+            nn.Conv2d(channels, channels // 2, 3, padding=1),
+            nn.GroupNorm(groups // 4 or 1, channels // 2),
+            nn.ReLU(),
+            nn.Conv2d(channels // 2, 1, 3, padding=1),
             nn.Tanh(),
         )
 
