@@ -129,7 +129,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     model = build_model(cfg.model)
     model.load_state_dict(state)
     evaluator = Evaluator(cfg)
-    downstream = cfg.evaluation.downstream != "off"
+    downstream = cfg.evaluation.downstream != "never"
     generates = cfg.stage(round_) != "vqvae"
     print(
         f"[fedgen] evaluating round {round_} of {run.path} ({cfg.model.type}, "

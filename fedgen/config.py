@@ -61,11 +61,11 @@ class EvaluationConfig(_Section):
         description="Generated images (and real test images, at most the test set) compared "
         "by the Frechet distance and label consistency.",
     )
-    downstream: Literal["off", "final", "every"] = Field(
+    downstream: Literal["never", "final", "every"] = Field(
         "final",
         description="When the server measures downstream accuracy (costly: it trains a CNN): "
-        "`final` after the last round, `every` at each evaluation, `off` never. "
-        "`fedgen evaluate` always does unless `off`.",
+        "`final` after the last round, `every` at each evaluation, `never`: not at all (YAML reads a bare off as false). "
+        "`fedgen evaluate` always does unless `never`.",
     )
     downstream_examples: int | None = Field(
         None,
