@@ -64,8 +64,8 @@ class EvaluationConfig(_Section):
     downstream: Literal["never", "final", "every"] = Field(
         "final",
         description="When the server measures downstream accuracy (costly: it trains a CNN): "
-        "`final` after the last round, `every` at each evaluation, `never`: not at all (YAML reads a bare off as false). "
-        "`fedgen evaluate` always does unless `never`.",
+        "`final` after the last round, `every` at each evaluation, `never` not at all "
+        "(not `off`: YAML reads that as false). `fedgen evaluate` always does unless `never`.",
     )
     downstream_examples: int | None = Field(
         None,

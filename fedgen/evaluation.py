@@ -113,9 +113,11 @@ class Evaluator:
                 quality.inception_features(weights, images),
                 quality.inception_features(weights, real),
             )
-        elif not self._inception_notice_given and self.log is not None:
-            self.log("Inception FID skipped: set evaluation.inception_weights to a local file")
-            self._inception_notice_given = True
+        else:
+            metrics["inception_fid"] = None
+            if not self._inception_notice_given and self.log is not None:
+                self.log("Inception FID skipped: set evaluation.inception_weights to a local file")
+                self._inception_notice_given = True
         if downstream:
             n = ev.downstream_examples or len(self.real_train[1])
             if self.log is not None:

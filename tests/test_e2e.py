@@ -130,7 +130,7 @@ def test_sample_command_works_for_the_gan(run_dir, tmp_path):
     assert Image.open(out).size == (2 * (3 * 30 + 2), 2 * (10 * 30 + 2))  # 10 classes x 3
 
 
-def test_evaluate_command_writes_every_metric(run_dir, evaluator_cache):
+def test_evaluate_command_writes_every_metric(run_dir, evaluator_cache, capsys):
     from fedgen.cli import main
 
     out = run_dir / "evaluation.json"
@@ -144,6 +144,8 @@ def test_evaluate_command_writes_every_metric(run_dir, evaluator_cache):
     ):  # fmt: skip
         assert m[key] is not None, key
     assert m["frechet_generated_samples"] == 300 and m["downstream_train_examples"] == 360
+    printed = capsys.readouterr().out
+    assert f"{m['downstream_accuracy']:.4f}" in printed and "Inception FID" in printed
     assert result["round"] == ROUNDS and result["clients"] == CLIENTS
     report = json.loads((run_dir / "privacy_report.json").read_text())
     assert result["privacy"]["max_epsilon"] == pytest.approx(report["max_epsilon"])

@@ -95,14 +95,16 @@ def test_balanced_labels_cover_every_class_equally():
     assert not torch.equal(labels, quality.balanced_labels(1000, seed=4))
 
 
-def test_inception_fid_reads_a_local_torchscript_file(tmp_path):
-    # A stand-in with the FID network's calling convention (RGB in [0, 255],
-    # `return_features=True`), to check the plumbing; the real file is too big to ship.
-    class PoolFeatures(torch.nn.Module):
-        def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
-            assert x.shape[1] == 3 and float(x.min()) >= 0 and float(x.max()) <= 255
-            return torch.nn.functional.adaptive_avg_pool2d(x, 4).flatten(1)
+class PoolFeatures(torch.nn.Module):
+    """A stand-in with the FID network's calling convention (RGB in [0, 255],
+    `return_features=True`), to check the plumbing; the real file is too big to ship."""
 
+    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        assert x.shape[1] == 3 and float(x.min()) >= 0 and float(x.max()) <= 255
+        return torch.nn.functional.adaptive_avg_pool2d(x, 4).flatten(1)
+
+
+def test_inception_fid_reads_a_local_torchscript_file(tmp_path):
     path = tmp_path / "net.pt"
     torch.jit.script(PoolFeatures()).save(str(path))
     images = torch.rand(64, 1, 28, 28) * 2 - 1
@@ -110,3 +112,21 @@ def test_inception_fid_reads_a_local_torchscript_file(tmp_path):
     assert feats.shape == (64, 48)
     with pytest.raises(FileNotFoundError, match="inception_weights"):
         quality.inception_features(tmp_path / "missing.pt", images)
+
+
+def test_evaluator_adds_inception_fid_only_when_configured(tmp_path, capsys):
+    from fedgen.evaluation import Evaluator
+    from fedgen.models import build_model
+
+    from .helpers import small_config
+
+    path = tmp_path / "net.pt"
+    torch.jit.script(PoolFeatures()).save(str(path))
+    common = ["evaluation.samples=100", "evaluation.evaluator_epochs=1",
+              f"evaluation.cache_dir={tmp_path}"]  # fmt: skip
+    cfg = small_config(*common)
+    model = build_model(cfg.model, seed=0)
+    without = Evaluator(cfg).quality(model, downstream=False)
+    assert without["inception_fid"] is None and "Inception FID skipped" in capsys.readouterr().out
+    with_fid = Evaluator(small_config(*common, f"evaluation.inception_weights={path}"))
+    assert with_fid.quality(model, downstream=False)["inception_fid"] > 0
