@@ -74,7 +74,7 @@ class EvaluationConfig(_Section):
         "many as the real training set).",
     )
     downstream_epochs: int = Field(
-        10, ge=1, le=1000, description="Epochs of the downstream CNN (best one kept)."
+        5, ge=1, le=1000, description="Epochs of the downstream CNN (best one kept)."
     )
     holdout_fraction: float = Field(
         0.1,
