@@ -1,6 +1,6 @@
 """Reproduce a row of docs/RESULTS.md with one command.
 
-Each row is a recipe from `configs/` plus overrides, listed in `configs/results.yaml`. This
+Each row is a recipe from `configs/` plus overrides, listed in `simulations/results.yaml`. This
 script runs the simulated federation (`fedgen simulate`), then the full evaluation
 (`fedgen evaluate`: Frechet distance, label consistency, downstream accuracy), and prints
 the row as it appears in the table, with the wall time and the machine it ran on.
@@ -27,7 +27,7 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-ROWS_FILE = REPO / "configs" / "results.yaml"
+ROWS_FILE = Path(__file__).with_name("results.yaml")
 
 
 def load_rows() -> dict[str, dict]:
@@ -83,7 +83,7 @@ def markdown_row(summary: dict) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("row", nargs="?", help="row name from configs/results.yaml")
+    parser.add_argument("row", nargs="?", help="row name from simulations/results.yaml")
     parser.add_argument("--out", help="run directory (default: runs/results/ROW)")
     parser.add_argument("--list", action="store_true", help="list the rows")
     parser.add_argument("--table", metavar="DIR", help="print rows of finished runs under DIR")

@@ -65,8 +65,21 @@ def test_missing_file_is_a_clear_error(tmp_path):
 
 
 def test_shipped_configs_are_valid():
-    for path in (REPO / "configs").glob("*.yaml"):
+    paths = sorted((REPO / "configs").glob("*.yaml"))
+    assert paths, "no recipes under configs/"
+    for path in paths:
         load_config(path)
+
+
+def test_results_rows_are_valid_configs():
+    # Each row of docs/RESULTS.md is a recipe plus overrides; a bad override would only
+    # show up after a long simulation otherwise.
+    rows = yaml.safe_load((REPO / "simulations" / "results.yaml").read_text())["rows"]
+    assert rows
+    for name, row in rows.items():
+        load_config(REPO / row["config"], row.get("set", []))
+        evaluate_sets = row.get("evaluate_set", [])[1::2]  # ["--set", "k=v", ...]
+        load_config(REPO / row["config"], [*row.get("set", []), *evaluate_sets])
 
 
 def test_config_reference_is_current():
