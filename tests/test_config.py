@@ -76,7 +76,7 @@ def test_results_rows_are_valid_configs():
     # show up after a long simulation otherwise.
     rows = yaml.safe_load((REPO / "simulations" / "results.yaml").read_text())["rows"]
     assert rows
-    for name, row in rows.items():
+    for row in rows.values():
         load_config(REPO / row["config"], row.get("set", []))
         evaluate_sets = row.get("evaluate_set", [])[1::2]  # ["--set", "k=v", ...]
         load_config(REPO / row["config"], [*row.get("set", []), *evaluate_sets])
