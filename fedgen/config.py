@@ -160,6 +160,13 @@ class FederationConfig(_Section):
     round_timeout: float = Field(
         3600.0, gt=0.0, description="Seconds the server waits for replies in a round."
     )
+    min_replies: int = Field(
+        1,
+        ge=1,
+        description="Fewest clients whose update a round needs; clients that fail, time out "
+        "or decline (privacy budget) are reported and left out, and a round with fewer "
+        "updates stops the run with an error.",
+    )
 
 
 class ModelConfig(_Section):
@@ -272,6 +279,11 @@ class FedgenConfig(_Section):
             raise ValueError(
                 f"federation.min_train_clients={fed.min_train_clients} exceeds "
                 f"federation.num_clients={fed.num_clients}; lower it or add clients"
+            )
+        if fed.min_replies > fed.num_clients:
+            raise ValueError(
+                f"federation.min_replies={fed.min_replies} exceeds "
+                f"federation.num_clients={fed.num_clients}; no round could complete"
             )
         if model.type == "vqvae" and model.vq_channels % model.groups:
             raise ValueError(

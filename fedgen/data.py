@@ -30,6 +30,9 @@ __all__ = [
     "load_mnist",
     "make_glyphs",
     "load_dataset",
+    "DeviceData",
+    "load_device_data",
+    "data_fingerprint",
     "partition",
     "client_partition",
     "federated_partitions",
@@ -242,6 +245,160 @@ def load_dataset(cfg: DataConfig, split: str = "train", seed: int = 0) -> Datase
 def to_tensors(data: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
     images = torch.from_numpy(data.images.astype(np.float32) / 127.5 - 1.0).unsqueeze(1)
     return images, torch.from_numpy(data.labels)
+
+
+# --------------------------------------------------------------------------- device data
+
+# What a device may hold: MNIST IDX files, a folder of images in per-class subfolders
+# named 0..9, or an .npz with `images` and `labels` arrays.
+DEVICE_FORMATS = ("mnist", "folder", "npz")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+@dataclass(frozen=True)
+class DeviceData:
+    """A device's own training data, with the files that could not be used and why."""
+
+    data: Dataset
+    skipped: tuple[tuple[str, str], ...]  # (file, reason)
+    source: str
+
+
+def _to_model_image(img: Image.Image) -> np.ndarray:
+    # Grey or RGB(A) in, the model's 1-channel 28x28 out; alpha is composited on black.
+    if img.mode in ("RGBA", "LA", "P"):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(background, img)
+    img = img.convert("L")
+    if img.size != (IMAGE_SIZE, IMAGE_SIZE):
+        img = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def _class_folders(root: Path) -> list[tuple[int, Path]]:
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    bad = [p.name for p in folders if not (p.name.isdigit() and int(p.name) < NUM_CLASSES)]
+    if bad:
+        raise DataError(
+            f"{root}: class subfolders must be named by label, 0 to {NUM_CLASSES - 1} (the same "
+            f"labels on every device); found {', '.join(sorted(bad)[:5])}"
+        )
+    if not folders:
+        raise DataError(
+            f"{root} has no class subfolders; put each class's images in {root}/0, {root}/1, ..."
+        )
+    return [(int(p.name), p) for p in folders]
+
+
+def load_image_folder(root: str | Path) -> DeviceData:
+    """Images (PNG, JPEG, ...) in per-class subfolders `root/<label>/`; files Pillow cannot
+    read are skipped and listed, and a folder with no usable image is an error."""
+    root = Path(root).expanduser()
+    images, labels, skipped = [], [], []
+    for label, folder in _class_folders(root):
+        for path in sorted(folder.iterdir()):
+            if path.name.startswith(".") or not path.is_file():
+                continue
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                skipped.append((str(path), f"not an image file ({path.suffix or 'no suffix'})"))
+                continue
+            try:
+                with Image.open(path) as img:
+                    img.load()  # decodes every pixel: truncated files fail here, not later
+                    images.append(_to_model_image(img))
+            except (OSError, ValueError, Image.DecompressionBombError) as err:
+                skipped.append((str(path), f"unreadable image: {err}"))
+                continue
+            labels.append(label)
+    if not images:
+        detail = (
+            f"; {len(skipped)} files could not be read, e.g. {skipped[0][0]}" if skipped else ""
+        )
+        raise DataError(f"no usable images in {root}{detail}")
+    data = Dataset(np.stack(images), np.asarray(labels, dtype=np.int64), root.name)
+    return DeviceData(data, tuple(skipped), str(root))
+
+
+def load_npz(path: str | Path) -> DeviceData:
+    """`images` (N, H, W) or (N, H, W, C), uint8 0-255 or float 0-1, and integer `labels`."""
+    path = Path(path).expanduser()
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            keys = set(npz.files)
+            if not {"images", "labels"} <= keys:
+                raise DataError(
+                    f"{path} must hold arrays named 'images' and 'labels'; it has "
+                    f"{', '.join(sorted(keys)) or 'none'}"
+                )
+            raw_images, raw_labels = npz["images"], npz["labels"]
+    except (OSError, ValueError, EOFError) as err:
+        raise DataError(f"{path} is not a readable .npz file ({err})") from None
+    if raw_images.ndim not in (3, 4) or raw_images.shape[0] != raw_labels.shape[0]:
+        raise DataError(
+            f"{path}: images must be (N, H, W) or (N, H, W, C) with one label each; got "
+            f"images {raw_images.shape}, labels {raw_labels.shape}"
+        )
+    if len(raw_labels) == 0:
+        raise DataError(f"{path} holds no examples")
+    if not np.issubdtype(raw_labels.dtype, np.integer):
+        raise DataError(f"{path}: labels must be integers, got {raw_labels.dtype}")
+    if raw_labels.min() < 0 or raw_labels.max() >= NUM_CLASSES:
+        raise DataError(
+            f"{path}: labels must lie in 0..{NUM_CLASSES - 1}; found {int(raw_labels.min())}"
+            f"..{int(raw_labels.max())}"
+        )
+    if np.issubdtype(raw_images.dtype, np.floating):
+        if not np.isfinite(raw_images).all():
+            raise DataError(f"{path}: images contain NaN or infinite values")
+        raw_images = (np.clip(raw_images, 0.0, 1.0) * 255).round()
+    pixels = raw_images.astype(np.uint8)
+    if pixels.ndim == 4 and pixels.shape[-1] == 1:
+        pixels = pixels[..., 0]
+    needs_conversion = pixels.ndim == 4 or pixels.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE)
+    if needs_conversion:
+        pixels = np.stack([_to_model_image(Image.fromarray(x)) for x in pixels])
+    data = Dataset(pixels, raw_labels.astype(np.int64), path.stem)
+    return DeviceData(data, (), str(path))
+
+
+def detect_format(path: Path) -> str:
+    if path.is_file() and path.suffix == ".npz":
+        return "npz"
+    if path.is_dir():
+        names = {p.name for p in path.iterdir()}
+        if any(n.startswith("train-images-idx3-ubyte") for n in names):
+            return "mnist"
+        return "folder"
+    raise DataError(
+        f"cannot tell the format of {path}: give a folder of class subfolders, an .npz file "
+        "or a folder with MNIST IDX files, or set data-format"
+    )
+
+
+def load_device_data(path: str | Path, fmt: str = "auto") -> DeviceData:
+    """A device's own training data, from `path` in `fmt` (auto: detected)."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise DataError(f"data path {path} does not exist; check data-path in the node config")
+    if fmt == "auto":
+        fmt = detect_format(path)
+    if fmt == "folder":
+        return load_image_folder(path)
+    if fmt == "npz":
+        return load_npz(path)
+    if fmt == "mnist":
+        return DeviceData(load_mnist(path, "train", download=False), (), str(path))
+    raise DataError(f"unknown data format {fmt!r}; use one of auto, {', '.join(DEVICE_FORMATS)}")
+
+
+def data_fingerprint(data: Dataset) -> str:
+    """SHA-256 of a dataset's pixels and labels: names the data a ledger accounts for."""
+    h = hashlib.sha256()
+    h.update(str(data.images.shape).encode())
+    h.update(np.ascontiguousarray(data.images).tobytes())
+    h.update(np.ascontiguousarray(data.labels).tobytes())
+    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- partitions

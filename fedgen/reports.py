@@ -20,6 +20,7 @@ import os
 import platform
 import sys
 import tempfile
+import uuid
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -108,27 +109,52 @@ class PrivacyLedger:
         self.clients: dict[str, dict[str, Any]] = {}
         self.rounds: list[dict[str, Any]] = []
 
-    def record_round(self, server_round: int, reports: list[dict[str, Any]]) -> None:
-        entry: dict[str, Any] = {"round": server_round, "epsilon": {}}
+    def record_round(
+        self,
+        server_round: int,
+        reports: list[dict[str, Any]],
+        declined: list[dict[str, Any]] | None = None,
+        failures: list[str] | None = None,
+    ) -> None:
+        """Record the clients that trained in a round. `declined` holds the reports of
+        clients that refused to train (their own budget), with a `reason`; `failures` one
+        line per client that failed or did not answer."""
+        entry: dict[str, Any] = {
+            "round": server_round,
+            "epsilon": {},
+            "declined": [
+                {"client_id": str(d["client_id"]), "reason": str(d["reason"])}
+                for d in declined or []
+            ],
+            "failures": list(failures or []),
+        }
         for rep in reports:
-            cid = str(rep["client_id"])
-            history = [[float(s), float(q), int(n)] for s, q, n in rep["history"]]
-            p = self.cfg.privacy
-            recomputed = epsilon_of(history, p.delta, p.accountant) if p.enabled else None
-            self.clients[cid] = {
-                "epsilon": recomputed,
-                "reported_epsilon": rep.get("epsilon"),
-                "num_examples": int(rep["num_examples"]),
-                "noise_multiplier": float(rep["noise_multiplier"]),
-                "sample_rate": float(rep["sample_rate"]),
-                "planned_steps": int(rep["planned_steps"]),
-                "steps": sum(h[2] for h in history),
-                "rounds_participated": self.clients.get(cid, {}).get("rounds_participated", 0) + 1,
-                "history": history,
-                "stage_steps": dict(rep.get("stage_steps", {})),
-            }
-            entry["epsilon"][cid] = recomputed
+            entry["epsilon"][str(rep["client_id"])] = self._update_client(rep, trained=True)
+        for rep in declined or []:
+            self._update_client(rep, trained=False)
+            self.clients[str(rep["client_id"])]["declined_rounds"].append(server_round)
         self.rounds.append(entry)
+
+    def _update_client(self, rep: dict[str, Any], trained: bool) -> float | None:
+        cid = str(rep["client_id"])
+        before = self.clients.get(cid, {})
+        history = [[float(s), float(q), int(n)] for s, q, n in rep["history"]]
+        p = self.cfg.privacy
+        recomputed = epsilon_of(history, p.delta, p.accountant) if p.enabled else None
+        self.clients[cid] = {
+            "epsilon": recomputed,
+            "reported_epsilon": rep.get("epsilon"),
+            "num_examples": int(rep["num_examples"]),
+            "noise_multiplier": float(rep["noise_multiplier"]),
+            "sample_rate": float(rep["sample_rate"]),
+            "planned_steps": int(rep["planned_steps"]),
+            "steps": sum(h[2] for h in history),
+            "rounds_participated": before.get("rounds_participated", 0) + int(trained),
+            "declined_rounds": before.get("declined_rounds", []),
+            "history": history,
+            "stage_steps": dict(rep.get("stage_steps", {})),
+        }
+        return recomputed
 
     @property
     def max_epsilon(self) -> float:
@@ -203,7 +229,19 @@ def format_privacy_table(report: dict[str, Any]) -> str:
     fmt = "  ".join(f"{{:>{w}}}" for w in widths)
     lines += [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
     lines += [fmt.format(*r) for r in rows]
+    lines += _absences(report)
     return "\n".join(lines)
+
+
+def _absences(report: dict[str, Any]) -> list[str]:
+    """One line per client that declined or failed in a round, with the reason."""
+    lines = []
+    for entry in report.get("rounds", []):
+        for d in entry.get("declined", []):
+            lines.append(f"round {entry['round']}: {d['client_id']} {d['reason']}")
+        for failure in entry.get("failures", []):
+            lines.append(f"round {entry['round']}: failed: {failure}")
+    return ["", "clients that did not train:", *lines] if lines else []
 
 
 def load_privacy_report(run_dir: Path) -> dict[str, Any]:
@@ -250,6 +288,8 @@ class RunDir:
                 "python": platform.python_version(),
                 "platform": platform.platform(),
                 "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+                # Names this run on the devices' ledgers (kept when a run is resumed).
+                "run_id": uuid.uuid4().hex,
                 "seed": cfg.seed,
                 "command": " ".join(sys.argv),
                 "start_time": _now(),
@@ -257,6 +297,10 @@ class RunDir:
             }
         manifest.update(extra)
         write_atomic(path, json.dumps(manifest, indent=2))
+
+    @property
+    def run_id(self) -> str:
+        return str(json.loads((self.path / "manifest.json").read_text())["run_id"])
 
     def finish(self, cfg: FedgenConfig, status: str = "completed") -> None:
         self.write_manifest(cfg, end_time=_now(), status=status)
@@ -319,6 +363,7 @@ def _privacy_markdown(report: dict[str, Any]) -> str:
             f"| {cid} | {eps} | {c['num_examples']} | {c['noise_multiplier']:.4f} | "
             f"{c['sample_rate']:.5f} | {c['steps']}/{c['planned_steps']} | {c['rounds_participated']} |"
         )
+    lines += [f"- {line}" if line.startswith("round") else line for line in _absences(report)]
     lines += [
         "",
         "History per client, `[noise_multiplier, sample_rate, steps]`, and steps per stage:",

@@ -248,9 +248,11 @@ class RoundRecorder:
         state: dict[str, torch.Tensor] | None,
         client_reports: list[dict[str, Any]],
         failures: list[str],
+        declined: list[dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
         """Write everything for a finished round; returns the metrics line."""
-        self.ledger.record_round(server_round, client_reports)
+        declined = declined or []
+        self.ledger.record_round(server_round, client_reports, declined, failures)
         self.run_dir.write_privacy_report(self.ledger)
         evaluation: dict[str, Any] = {}
         if state is not None:
@@ -266,6 +268,8 @@ class RoundRecorder:
             "clients": len(client_reports),
             "failures": len(failures),
             "failure_reasons": failures,
+            "declined": {str(d["client_id"]): d["reason"] for d in declined},
+            "skipped_files": sum(int(r["metrics"].get("skipped-files", 0)) for r in client_reports),
             "max_epsilon": self.ledger.max_epsilon if self.cfg.privacy.enabled else None,
             "per_client": {
                 str(r["client_id"]): {k: r["metrics"].get(k) for k in (*metrics_keys, "epsilon")}
@@ -289,6 +293,8 @@ class RoundRecorder:
 
         eps = "" if line["max_epsilon"] is None else f"  max epsilon {line['max_epsilon']:.3f}"
         fails = f"  failures {line['failures']}" if line["failures"] else ""
+        if line.get("declined"):
+            fails += f"  declined {len(line['declined'])}"
         if line["stage"] == "gan":
             losses = f"  d_loss_fake {fmt(line['d_loss_fake'])}  g_loss {fmt(line['g_loss'])}"
         else:

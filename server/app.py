@@ -41,7 +41,10 @@ def run_federation(grid: Grid, cfg: FedgenConfig, run_dir: RunDir) -> None:
             num_rounds=cfg.total_rounds,
             timeout=cfg.federation.round_timeout,
             # Clients validate this with the same schema: one source for every setting.
-            train_config=ConfigRecord({"fedgen-config": cfg.to_json()}),
+            train_config=ConfigRecord(
+                # Devices key their privacy ledgers by the run id.
+                {"fedgen-config": cfg.to_json(), "run-id": run_dir.run_id}
+            ),
         )
     except BaseException:
         run_dir.finish(cfg, status="failed")

@@ -27,36 +27,95 @@ STRATEGIES: dict[str, type[FedAvg]] = {
 
 
 def aggregate_train_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
-    """Weighted means of the clients' scalar metrics; epsilon is the maximum, not a mean."""
-    weights = [float(r["metrics"][weight_key]) for r in records]
-    total = sum(weights) or 1.0
+    """Weighted means of the clients' scalar metrics; epsilon is the maximum and skipped
+    files the sum, not means. A metric only some clients send averages over those."""
     out: dict[str, float] = {}
-    for key in records[0]["metrics"]:
-        if key == weight_key:
-            continue
-        values = [float(r["metrics"][key]) for r in records]
+    keys = dict.fromkeys(k for r in records for k in r["metrics"] if k != weight_key)
+    for key in keys:
+        pairs = [
+            (float(r["metrics"][key]), float(r["metrics"][weight_key]))
+            for r in records
+            if key in r["metrics"]
+        ]
+        values = [v for v, _ in pairs]
         if key == "epsilon":
             out[key] = max(values)
+        elif key == "skipped-files":
+            out[key] = sum(values)
         else:
-            out[key] = sum(v * w for v, w in zip(values, weights, strict=True)) / total
+            total = sum(w for _, w in pairs) or 1.0
+            out[key] = sum(v * w for v, w in pairs) / total
     return MetricRecord(out)
+
+
+def _privacy_fields(record: ConfigRecord) -> dict[str, Any]:
+    return {
+        "client_id": str(record["client-id"]),
+        "noise_multiplier": float(record["noise-multiplier"]),
+        "sample_rate": float(record["sample-rate"]),
+        "planned_steps": int(record["planned-steps"]),
+        "history": json.loads(str(record["history"])),
+        "stage_steps": json.loads(str(record.get("stage-steps", "{}"))),
+    }
 
 
 def client_report(reply: Message) -> dict[str, Any]:
     """The plain report of one client's reply: id, metrics and accountant history."""
     metrics = dict(reply.content["metrics"])
-    privacy = reply.content["privacy"]
     return {
-        "client_id": str(privacy["client-id"]),
+        **_privacy_fields(reply.content["privacy"]),
         "num_examples": int(metrics["num-examples"]),
         "epsilon": metrics.get("epsilon"),
-        "noise_multiplier": float(privacy["noise-multiplier"]),
-        "sample_rate": float(privacy["sample-rate"]),
-        "planned_steps": int(privacy["planned-steps"]),
-        "history": json.loads(str(privacy["history"])),
-        "stage_steps": json.loads(str(privacy.get("stage-steps", "{}"))),
         "metrics": metrics,
     }
+
+
+def declined_report(reply: Message) -> dict[str, Any]:
+    """A client that refused to train (its own privacy budget): who, why, and its history."""
+    record = reply.content["declined"]
+    return {
+        **_privacy_fields(record),
+        "num_examples": int(record["num-examples"]),
+        "reason": str(record["reason"]),
+    }
+
+
+SUPERLINK_NODE_ID = 1  # the sender Flower puts on errors the SuperLink makes for a node
+
+
+def split_replies(
+    replies: list[Message], sampled: list[int], names: dict[int, str], timeout: float
+) -> tuple[list[Message], list[dict[str, Any]], list[str]]:
+    """Updates to aggregate, declines, and one line per node that sent no update: who
+    (its client name where an earlier reply told it) and why."""
+    updates, declined, failures = [], [], []
+    answered: set[int] = set()
+    link_errors: list[str] = []
+    for reply in replies:
+        src = reply.metadata.src_node_id
+        if reply.has_error() and src == SUPERLINK_NODE_ID:
+            link_errors.append(reply.error.reason)
+            continue
+        answered.add(src)
+        if reply.has_error():
+            failures.append(f"{_node_name(src, names)}: {reply.error.reason}")
+        elif "declined" in reply.content:
+            declined.append(declined_report(reply))
+            names[src] = declined[-1]["client_id"]
+        else:
+            updates.append(reply)
+            names[src] = str(reply.content["privacy"]["client-id"])
+    # Errors the SuperLink made (node unavailable) do not name the node; the nodes that
+    # were sampled and did not answer themselves are the ones they are about.
+    silent = [n for n in sampled if n not in answered]
+    for i, node in enumerate(silent):
+        reason = link_errors[i] if i < len(link_errors) else f"no reply within {timeout:g}s"
+        failures.append(f"{_node_name(node, names)}: {reason}")
+    return updates, declined, failures
+
+
+def _node_name(node_id: int, names: dict[int, str]) -> str:
+    return f"{names[node_id]} (node {node_id})" if node_id in names else f"node {node_id}"
 
 
 def _float32(arrays: ArrayRecord) -> dict:
@@ -85,18 +144,34 @@ def build_strategy(cfg: FedgenConfig, recorder: RoundRecorder) -> Strategy:
         kwargs["beta"] = fed.trimmed_beta
 
     class RecordingStrategy(base):  # type: ignore[valid-type, misc]
+        _sampled: list[int] = []  # nodes sent a message this round (set by configure_train)
+        _names: dict[int, str] = {}  # node id -> client id, learned from replies
+
         def configure_train(
             self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
         ) -> Iterable[Message]:
             recorder.round_started()
             self._sent = arrays
-            return super().configure_train(server_round, arrays, config, grid)
+            messages = list(super().configure_train(server_round, arrays, config, grid))
+            self._sampled = [m.metadata.dst_node_id for m in messages]
+            return messages
 
         def aggregate_train(
             self, server_round: int, replies: Iterable[Message]
         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
             replies = list(replies)
-            arrays, metrics = super().aggregate_train(server_round, replies)
+            updates, declined, failures = split_replies(
+                replies, self._sampled, self._names, fed.round_timeout
+            )
+            if len(updates) < fed.min_replies:
+                # Record who did not train before stopping, so the report says why.
+                recorder.record(server_round, None, [], failures, declined)
+                raise RuntimeError(
+                    f"round {server_round}: {len(updates)} client update(s), fewer than "
+                    f"federation.min_replies={fed.min_replies}; "
+                    f"declined: {[d['client_id'] for d in declined]}, failures: {failures}"
+                )
+            arrays, metrics = super().aggregate_train(server_round, updates)
             frozen = recorder.frozen_prefixes(server_round)
             if arrays is not None and frozen:
                 # Clients return frozen parts unchanged, but a server optimiser (FedAdam's
@@ -104,15 +179,12 @@ def build_strategy(cfg: FedgenConfig, recorder: RoundRecorder) -> Strategy:
                 for key in arrays:
                     if key.startswith(frozen):
                         arrays[key] = self._sent[key]
-            ok = [r for r in replies if not r.has_error()]
-            failures = [
-                f"node {r.metadata.src_node_id}: {r.error.reason}" for r in replies if r.has_error()
-            ]
             line = recorder.record(
                 server_round,
                 _float32(arrays) if arrays is not None else None,
-                [client_report(r) for r in ok],
+                [client_report(r) for r in updates],
                 failures,
+                declined,
             )
             recorder.print_progress(line)
             return arrays, metrics

@@ -1,0 +1,208 @@
+"""Flower's Deployment Engine end to end, on loopback: a SuperLink over TLS with SuperNode
+authentication, two SuperNodes as separate processes, each with its own data folder, and
+the run submitted with `flwr run`. Nothing is simulated.
+
+One three-round federation serves every test here (it is the slow part):
+- node "alpha" holds a folder of PNGs with one corrupt file, and a max-epsilon that
+  allows two of the three rounds;
+- node "beta" holds an .npz file and is stopped after its first round and started again;
+- node "gamma" holds only corrupt images, so it fails every round it is asked to train.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from fedgen.config import load_config
+from fedgen.data import load_device_data
+from fedgen.privacy import epsilon_of
+from fedgen.rounds import plan_privacy
+from tests.deployment import Deployment
+from tests.test_device_data import write_folder
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("flower-superlink") is None, reason="Flower's deployment commands not installed"
+)
+
+OVERRIDES = [
+    "data.dataset=glyphs",
+    "data.glyphs_per_class=20",
+    "federation.min_train_clients=2",
+    "federation.num_clients=2",
+    "federation.rounds=3",
+    "federation.round_timeout=300",
+    "training.local_steps=4",
+    "training.d_steps_per_g_step=2",
+    "training.batch_size=16",
+    "model.generator_channels=16",
+    "model.discriminator_channels=8",
+    "model.latent_dim=16",
+    "model.groups=4",
+    "privacy.target_epsilon=4.0",
+    "device=cpu",
+    "run.eval_every=3",
+    "evaluation.samples=100",
+    "evaluation.downstream=never",
+    "evaluation.evaluator_epochs=1",
+]
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+def server_saw(out, client: str, server_round: int) -> bool:
+    """Whether the server has recorded `client`'s update of `server_round`."""
+    path = out / "metrics.jsonl"
+    if not path.is_file():
+        return False
+    lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    return any(x["round"] == server_round and client in x["per_client"] for x in lines)
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    root = tmp_path_factory.mktemp("deploy")
+    cfg = load_config(None, OVERRIDES)
+    alpha_data, beta_data = root / "alpha-images", root / "beta.npz"
+    write_folder(alpha_data, per_class=6, corrupt=1)
+    beta = write_folder(root / "beta-src", per_class=6)
+    np.savez(beta_data, images=beta.images, labels=beta.labels)
+    gamma_data = root / "gamma-images"
+    (gamma_data / "4").mkdir(parents=True)
+    for name in ("a.png", "b.jpg"):
+        (gamma_data / "4" / name).write_bytes(b"not an image")
+
+    # alpha's own budget: enough for two rounds of the planned three, not for the third.
+    plan = plan_privacy(cfg, len(load_device_data(alpha_data).data))
+    steps = cfg.training.local_steps
+    p = cfg.privacy
+    two, three = (
+        epsilon_of([(plan.noise_multiplier, plan.sample_rate, k * steps)], p.delta, p.accountant)
+        for k in (2, 3)
+    )
+    alpha_budget = (two + three) / 2
+
+    dep = Deployment(root)
+    try:
+        dep.start_superlink()
+        for i in (0, 1, 2):
+            dep.register(i)
+        ledgers = {"alpha": root / "ledger-alpha", "beta": root / "ledger-beta"}
+        alpha = dep.supernode(
+            0,
+            f"data-path='{alpha_data}' ledger-dir='{ledgers['alpha']}' client-name='alpha' "
+            f"max-epsilon={alpha_budget}",
+        ).start()
+        beta_config = f"data-path='{beta_data}' ledger-dir='{ledgers['beta']}' client-name='beta'"
+        beta = dep.supernode(1, beta_config).start()
+        dep.supernode(2, f"data-path='{gamma_data}' ledger-dir='{root / 'ledger-gamma'}'").start()
+        out = root / "run"
+        run_config = f"overrides='{' '.join(OVERRIDES)}' out='{out}'"
+
+        result: dict = {}
+        runner = threading.Thread(
+            target=lambda: result.update(done=dep.run(run_config, timeout=480)), daemon=True
+        )
+        runner.start()
+        # Stop beta once the server has its round-1 update, then start it again.
+        wait_for(lambda: server_saw(out, "beta", 1), 300, "beta's first round")
+        beta.stop()
+        restarted = dep.supernode(1, beta_config).start()
+        runner.join(timeout=500)
+        done = result.get("done")
+        assert isinstance(done, subprocess.CompletedProcess), "flwr run did not return"
+        yield {
+            "cfg": cfg,
+            "root": root,
+            "out": out,
+            "flwr_run": done,
+            "ledgers": ledgers,
+            "alpha_budget": alpha_budget,
+            "gamma_data": gamma_data,
+            "alpha": alpha,
+            "beta": restarted,
+        }
+    finally:
+        dep.stop()
+
+
+def report(federation) -> dict:
+    path = federation["out"] / "privacy_report.json"
+    assert path.is_file(), federation["flwr_run"].stdout[-3000:] + federation["flwr_run"].stderr
+    return json.loads(path.read_text())
+
+
+def test_run_completes_with_epsilon_for_both_nodes(federation):
+    manifest = json.loads((federation["out"] / "manifest.json").read_text())
+    assert manifest["status"] == "completed", federation["flwr_run"].stdout[-3000:]
+    clients = report(federation)["clients"]
+    assert set(clients) == {"alpha", "beta"}
+    for c in clients.values():
+        assert 0 < c["epsilon"] <= federation["cfg"].privacy.target_epsilon
+    assert (federation["out"] / "checkpoints" / "round_003.safetensors").is_file()
+
+
+def test_restarted_node_accounts_for_all_its_rounds(federation):
+    cfg = federation["cfg"]
+    ledger_file = next(federation["ledgers"]["beta"].glob("*.json"))
+    ledger = json.loads(ledger_file.read_text())
+    beta = report(federation)["clients"]["beta"]
+    # Round 1 was before the restart; the ledger kept it, and later rounds added to it.
+    assert "beta" in report(federation)["rounds"][0]["epsilon"]
+    assert ledger["rounds"][0] == 1 and len(ledger["rounds"]) >= 2
+    steps = cfg.training.local_steps * len(ledger["rounds"])
+    assert sum(h[2] for h in ledger["history"]) == steps == beta["steps"]
+    fresh = epsilon_of(ledger["history"], cfg.privacy.delta, cfg.privacy.accountant)
+    assert ledger["epsilon"] == pytest.approx(fresh)
+    assert beta["epsilon"] == pytest.approx(fresh)
+    after_restart_only = epsilon_of(
+        [(ledger["noise_multiplier"], ledger["sample_rate"], steps - cfg.training.local_steps)],
+        cfg.privacy.delta,
+        cfg.privacy.accountant,
+    )
+    assert beta["epsilon"] > after_restart_only
+    # A round beta missed while it was down names it among the failures.
+    for entry in report(federation)["rounds"]:
+        if "beta" not in entry["epsilon"]:
+            assert any(f.startswith("beta (node") for f in entry["failures"]), entry
+
+
+def test_node_without_usable_data_fails_with_its_folder_named(federation):
+    rep = report(federation)
+    assert set(rep["clients"]) == {"alpha", "beta"}  # gamma never trained
+    for entry in rep["rounds"]:
+        assert any(
+            f"no usable images in {federation['gamma_data']}" in f for f in entry["failures"]
+        ), entry["failures"]
+
+
+def test_node_declines_the_round_past_its_budget(federation):
+    rep = report(federation)
+    alpha = rep["clients"]["alpha"]
+    assert alpha["declined_rounds"] == [3]
+    assert alpha["rounds_participated"] == 2
+    assert alpha["epsilon"] <= federation["alpha_budget"]
+    declined = rep["rounds"][2]["declined"]
+    assert [d["client_id"] for d in declined] == ["alpha"]
+    assert "max-epsilon" in declined[0]["reason"]
+    # The round carried on with beta alone.
+    assert list(rep["rounds"][2]["epsilon"]) == ["beta"]
+
+
+def test_corrupt_file_is_skipped_and_counted(federation):
+    lines = [json.loads(x) for x in (federation["out"] / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["skipped_files"] == 1  # alpha's broken0.png; beta's .npz has none
+    assert report(federation)["clients"]["alpha"]["num_examples"] == 60

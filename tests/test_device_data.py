@@ -1,0 +1,152 @@
+"""A device's own data (image folders, .npz) and its privacy ledger, without Flower."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fedgen.data import DataError, data_fingerprint, load_device_data, make_glyphs
+from fedgen.ledger import DeviceLedger, LedgerError, epsilon_after
+from fedgen.privacy import epsilon_of
+from fedgen.rounds import ClientPrivacyState
+
+
+def write_folder(root, per_class=3, corrupt=0, rgb=False, size=28):
+    glyphs = make_glyphs(per_class, seed=1)
+    for i, (img, label) in enumerate(zip(glyphs.images, glyphs.labels, strict=True)):
+        folder = root / str(int(label))
+        folder.mkdir(parents=True, exist_ok=True)
+        pic = Image.fromarray(img).resize((size, size))
+        if rgb:
+            pic = pic.convert("RGB")
+        pic.save(folder / f"{i}.{'jpg' if rgb else 'png'}")
+    for i in range(corrupt):
+        (root / "0" / f"broken{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    return glyphs
+
+
+def test_image_folder_loads_labels_from_subfolders(tmp_path):
+    glyphs = write_folder(tmp_path, per_class=3)
+    device = load_device_data(tmp_path)
+    assert len(device.data) == len(glyphs) == 30
+    assert device.data.images.shape == (30, 28, 28) and device.data.images.dtype == np.uint8
+    assert sorted(np.bincount(device.data.labels).tolist()) == [3] * 10
+    assert device.skipped == ()
+
+
+def test_rgb_and_other_sizes_become_grey_28x28(tmp_path):
+    write_folder(tmp_path, per_class=1, rgb=True, size=56)
+    device = load_device_data(tmp_path, "folder")
+    assert device.data.images.shape == (10, 28, 28)
+    assert device.data.images.max() > 100  # the strokes survived the conversion
+
+
+def test_corrupt_image_is_skipped_and_named(tmp_path):
+    write_folder(tmp_path, per_class=2, corrupt=1)
+    device = load_device_data(tmp_path)
+    assert len(device.data) == 20
+    assert len(device.skipped) == 1 and device.skipped[0][0].endswith("broken0.png")
+
+
+def test_folder_of_only_corrupt_images_names_the_folder(tmp_path):
+    (tmp_path / "3").mkdir()
+    (tmp_path / "3" / "a.png").write_bytes(b"garbage")
+    (tmp_path / "3" / "b.jpg").write_bytes(b"")
+    with pytest.raises(DataError, match=f"no usable images in {tmp_path}"):
+        load_device_data(tmp_path)
+
+
+def test_class_folders_must_be_labels(tmp_path):
+    (tmp_path / "cats").mkdir()
+    with pytest.raises(DataError, match="named by label.*cats"):
+        load_device_data(tmp_path, "folder")
+
+
+def test_npz_loads_and_converts(tmp_path):
+    glyphs = make_glyphs(2, seed=3)
+    path = tmp_path / "mine.npz"
+    np.savez(path, images=glyphs.images.astype(np.float32) / 255.0, labels=glyphs.labels)
+    device = load_device_data(path)
+    assert np.array_equal(device.data.labels, glyphs.labels)
+    assert np.abs(device.data.images.astype(int) - glyphs.images).max() <= 1
+
+
+@pytest.mark.parametrize(
+    ("arrays", "message"),
+    [
+        ({"x": np.zeros((2, 28, 28)), "labels": np.zeros(2, int)}, "named 'images' and 'labels'"),
+        (
+            {"images": np.zeros((2, 28, 28)), "labels": np.array([0, 12])},
+            r"labels must lie in 0..9",
+        ),
+        ({"images": np.zeros((3, 28, 28)), "labels": np.zeros(2, int)}, "one label each"),
+    ],
+)
+def test_bad_npz_is_a_clear_error(tmp_path, arrays, message):
+    path = tmp_path / "bad.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(DataError, match=message):
+        load_device_data(path)
+
+
+def test_missing_data_path_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match="does not exist.*data-path"):
+        load_device_data(tmp_path / "nowhere")
+
+
+def state(history):
+    return ClientPrivacyState(1.1, 0.05, 300, history, {"gan": sum(h[2] for h in history)})
+
+
+def test_ledger_round_trips_and_recomputes(tmp_path):
+    ledger = DeviceLedger(tmp_path, "run-1", "ab" * 32)
+    assert ledger.state() is None
+    s = state([(1.1, 0.05, 100)])
+    ledger.write(s, client_id="a", accountant="rdp", delta=1e-5, server_round=1, num_examples=40)
+    s2 = state([(1.1, 0.05, 200)])
+    content = ledger.write(
+        s2, client_id="a", accountant="rdp", delta=1e-5, server_round=2, num_examples=40
+    )
+    # A fresh ledger object (a restarted SuperNode) reads the whole history back.
+    again = DeviceLedger(tmp_path, "run-1", "ab" * 32)
+    assert again.state() == s2
+    assert content["rounds"] == [1, 2]
+    on_disk = json.loads(again.path.read_text())
+    assert on_disk["epsilon"] == pytest.approx(epsilon_of([(1.1, 0.05, 200)], 1e-5, "rdp"))
+    assert [p.name for p in tmp_path.iterdir()] == [again.path.name]  # no temp file left
+
+
+def test_ledger_is_per_run_and_per_data(tmp_path):
+    DeviceLedger(tmp_path, "run-1", "ab" * 32).write(
+        state([(1.1, 0.05, 100)]),
+        client_id="a",
+        accountant="rdp",
+        delta=1e-5,
+        server_round=1,
+        num_examples=40,
+    )
+    assert DeviceLedger(tmp_path, "run-2", "ab" * 32).state() is None
+    assert DeviceLedger(tmp_path, "run-1", "cd" * 32).state() is None
+
+
+def test_unreadable_ledger_stops_training_instead_of_restarting_from_zero(tmp_path):
+    ledger = DeviceLedger(tmp_path, "run-1", "ab" * 32)
+    ledger.path.write_text('{"format": "fedgen-ledger-1", "hist')  # half a file
+    with pytest.raises(LedgerError, match="cannot be read.*restart from zero"):
+        ledger.state()
+
+
+def test_epsilon_after_adds_the_next_round():
+    s = state([(1.1, 0.05, 100)])
+    assert epsilon_after(s, 100, 1e-5, "rdp") == pytest.approx(
+        epsilon_of([(1.1, 0.05, 200)], 1e-5, "rdp")
+    )
+    assert epsilon_after(s, 100, 1e-5, "rdp") > epsilon_of(s.history, 1e-5, "rdp")
+
+
+def test_fingerprint_changes_with_any_pixel():
+    glyphs = make_glyphs(2, seed=0)
+    changed = glyphs.images.copy()
+    changed[0, 0, 0] ^= 1
+    assert data_fingerprint(glyphs) != data_fingerprint(type(glyphs)(changed, glyphs.labels, "x"))
