@@ -1,8 +1,9 @@
-"""`fedgen` command line: simulate, report, sample, evaluate, config-reference."""
+"""`fedgen` command line: simulate, report, sample, evaluate, certs, config-reference."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from pathlib import Path
@@ -61,8 +62,49 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    report = load_privacy_report(Path(args.run_dir))
+    path = Path(args.run_dir)
+    if path.is_file() and path.suffix == ".json" or (path.is_dir() and _is_ledger_dir(path)):
+        return _report_ledgers(path)
+    report = load_privacy_report(path)
     print(format_privacy_table(report))
+    return 0
+
+
+def _is_ledger_dir(path: Path) -> bool:
+    return not (path / "privacy_report.json").exists() and any(path.glob("*.json"))
+
+
+def _report_ledgers(path: Path) -> int:
+    """A device's own view: what each run has spent of its data's privacy."""
+    from fedgen.ledger import LEDGER_FORMAT
+    from fedgen.privacy import epsilon_of
+
+    files = [path] if path.is_file() else sorted(path.glob("*.json"))
+    for file in files:
+        content = json.loads(file.read_text())
+        if content.get("format") != LEDGER_FORMAT:
+            raise ValueError(f"{file} is not a fedgen privacy ledger")
+        # Recomputed here from the history, not read from the stored figure.
+        eps = epsilon_of(content["history"], content["delta"], content["accountant"])
+        print(
+            f"{file.name}: client {content['client_id']}  run {content['run_id']}  "
+            f"epsilon {eps:.4f} (delta {content['delta']:g}, {content['accountant']})  "
+            f"noise {content['noise_multiplier']:.4f}  sample rate {content['sample_rate']:.5f}  "
+            f"steps {sum(h[2] for h in content['history'])}/{content['planned_steps']}  "
+            f"rounds {content['rounds']}  updated {content['updated']}"
+        )
+    return 0
+
+
+def _certs(args: argparse.Namespace) -> int:
+    from fedgen.certs import make_certificates
+
+    files = make_certificates(args.dir, args.host or None, args.supernodes, args.overwrite)
+    print(f"[fedgen] CA certificate      {files.ca_cert}  (give to every SuperNode and flwr)")
+    print(f"[fedgen] SuperLink cert/key  {files.server_cert}, {files.server_key}")
+    for private, public in files.supernode_keys:
+        print(f"[fedgen] SuperNode key pair  {private} (stays on the device), {public}")
+    print(f"[fedgen] keep {files.ca_key} offline: whoever holds it can impersonate the SuperLink")
     return 0
 
 
@@ -113,7 +155,6 @@ def _load_run(path: str, overrides: list[str] | None = None) -> tuple[RunDir, Fe
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    import json
     import platform
     import time
     from datetime import datetime
@@ -203,8 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--out", help="run directory (default: run.out_dir/NAME-TIMESTAMP)")
     sim.set_defaults(func=_simulate)
 
-    rep = sub.add_parser("report", help="print the epsilon report of a run")
-    rep.add_argument("run_dir")
+    rep = sub.add_parser(
+        "report",
+        help="print the epsilon report of a run, or a device's privacy ledger (file or folder)",
+    )
+    rep.add_argument("run_dir", metavar="PATH")
     rep.set_defaults(func=_report)
 
     smp = sub.add_parser("sample", help="generate a class-conditional grid from a run")
@@ -237,6 +281,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--out", help="JSON to write (default: RUN_DIR/evaluation.json)")
     ev.set_defaults(func=_evaluate)
+
+    crt = sub.add_parser(
+        "certs",
+        help="make a CA, a SuperLink TLS certificate and SuperNode key pairs for trying out "
+        "a deployment (production: bring your own)",
+    )
+    crt.add_argument("dir", help="folder to write them into")
+    crt.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        help="name or IP address the SuperLink is reached at (repeatable; "
+        "default localhost, 127.0.0.1, ::1)",
+    )
+    crt.add_argument(
+        "--supernodes", type=int, default=0, help="SuperNode authentication key pairs to make"
+    )
+    crt.add_argument("--overwrite", action="store_true", help="replace files already there")
+    crt.set_defaults(func=_certs)
 
     ref = sub.add_parser("config-reference", help="print the reference of every config key")
     ref.add_argument("--out", help="write to this file instead of stdout")

@@ -34,9 +34,59 @@ def test_report_of_a_non_run_says_so(tmp_path):
 def test_library_does_not_import_flower():
     code = (
         "import sys, fedgen.config, fedgen.data, fedgen.models, fedgen.privacy, "
-        "fedgen.training, fedgen.rounds, fedgen.reports, fedgen.cli; "
+        "fedgen.training, fedgen.rounds, fedgen.reports, fedgen.cli, fedgen.ledger, fedgen.certs; "
         "print(sorted(m for m in sys.modules if m == 'flwr' or m.startswith('flwr.')))"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_certs_make_a_chain_a_tls_client_accepts(tmp_path):
+    import ssl
+
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+
+    proc = _fedgen("certs", str(tmp_path), "--supernodes", "2")
+    assert proc.returncode == 0, proc.stderr
+    # A real TLS handshake on loopback: the client trusts only the CA and checks the name.
+    import socket
+    import threading
+
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(tmp_path / "server.pem", tmp_path / "server.key")
+    client_ctx = ssl.create_default_context(cafile=str(tmp_path / "ca.crt"))
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+
+        def serve() -> None:
+            conn, _ = listener.accept()
+            with server_ctx.wrap_socket(conn, server_side=True) as tls:
+                tls.sendall(b"ok")
+
+        for name in ("localhost", "127.0.0.1"):
+            threading.Thread(target=serve, daemon=True).start()
+            raw = socket.create_connection(listener.getsockname(), timeout=10)
+            with client_ctx.wrap_socket(raw, server_hostname=name) as tls:
+                assert tls.recv(2) == b"ok"
+    for key in ("ca.key", "server.key", "supernode-0", "supernode-1"):
+        assert (tmp_path / key).stat().st_mode & 0o077 == 0, key  # private keys: owner only
+        assert "PRIVATE KEY" not in proc.stdout  # paths are printed, never key material
+    load_ssh_private_key((tmp_path / "supernode-1").read_bytes(), None)
+    # A second run would replace working keys: refused unless asked.
+    again = _fedgen("certs", str(tmp_path))
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+
+
+def test_report_reads_a_device_ledger(tmp_path):
+    from fedgen.ledger import DeviceLedger
+    from fedgen.privacy import epsilon_of
+    from fedgen.rounds import ClientPrivacyState
+
+    state = ClientPrivacyState(1.2, 0.1, 100, [(1.2, 0.1, 50)], {"gan": 50})
+    DeviceLedger(tmp_path, "run-7", "ef" * 32).write(
+        state, client_id="clinic-a", accountant="rdp", delta=1e-5, server_round=1, num_examples=90
+    )
+    proc = _fedgen("report", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    eps = epsilon_of(state.history, 1e-5, "rdp")
+    assert "client clinic-a" in proc.stdout and f"epsilon {eps:.4f}" in proc.stdout
