@@ -39,6 +39,9 @@ def _load_partition(config_json: str, partition_id: int, num_partitions: int) ->
 @lru_cache(maxsize=2)
 def _load_device(path: str, fmt: str) -> tuple[DeviceData, str]:
     device = load_device_data(path, fmt)
+    # Logged on the device only: file names stay here; the server gets the count.
+    for name, reason in device.skipped:
+        print(f"[fedgen] skipped {name}: {reason}", flush=True)
     return device, data_fingerprint(device.data)
 
 
