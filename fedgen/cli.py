@@ -10,7 +10,7 @@ from pathlib import Path
 
 from fedgen.config import ConfigError, FedgenConfig, config_reference_markdown, load_config
 from fedgen.data import DataError
-from fedgen.reports import RunDir, format_privacy_table, load_privacy_report
+from fedgen.reports import CheckpointError, RunDir, format_privacy_table, load_privacy_report
 from fedgen.rounds import preflight
 
 
@@ -311,7 +311,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ConfigError, DataError, ValueError, FileNotFoundError, FileExistsError) as err:
+    except (
+        ConfigError,
+        DataError,
+        CheckpointError,
+        ValueError,
+        FileNotFoundError,
+        FileExistsError,
+    ) as err:
         print(f"fedgen: error: {err}", file=sys.stderr)
         return 2
 

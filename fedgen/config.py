@@ -144,14 +144,24 @@ class FederationConfig(_Section):
     shards_per_client: int = Field(
         2, ge=1, description="Label-sorted shards per client (`shards`)."
     )
-    strategy: Literal["fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg"] = Field(
-        "fedavg", description="Server strategy from flwr.serverapp.strategy."
+    strategy: Literal[
+        "fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum", "multikrum"
+    ] = Field(
+        "fedavg",
+        description="Server strategy from flwr.serverapp.strategy. Where hostile clients "
+        "are expected: fedmedian, fedtrimmedavg, krum or multikrum.",
     )
     proximal_mu: float = Field(0.01, ge=0.0, description="FedProx proximal term weight.")
     server_lr: float = Field(0.01, gt=0.0, description="FedAdam server learning rate (eta).")
     server_tau: float = Field(1e-3, gt=0.0, description="FedAdam adaptivity (tau).")
     trimmed_beta: float = Field(
         0.2, gt=0.0, lt=0.5, description="FedTrimmedAvg fraction cut from each end."
+    )
+    malicious_clients: int = Field(
+        0,
+        ge=0,
+        description="Krum/MultiKrum: how many hostile clients to tolerate per round (needs "
+        "min_train_clients > 2 x this + 2).",
     )
     client_cpus: float = Field(1.0, gt=0.0, description="CPU cores reserved per simulated client.")
     client_gpus: float = Field(
@@ -279,6 +289,15 @@ class FedgenConfig(_Section):
             raise ValueError(
                 f"federation.min_train_clients={fed.min_train_clients} exceeds "
                 f"federation.num_clients={fed.num_clients}; lower it or add clients"
+            )
+        if fed.strategy in ("krum", "multikrum") and fed.min_train_clients <= (
+            2 * fed.malicious_clients + 2
+        ):
+            raise ValueError(
+                f"federation.strategy={fed.strategy} with malicious_clients="
+                f"{fed.malicious_clients} needs min_train_clients > "
+                f"{2 * fed.malicious_clients + 2}; raise min_train_clients or lower "
+                "malicious_clients"
             )
         if fed.min_replies > fed.num_clients:
             raise ValueError(

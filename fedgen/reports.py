@@ -14,6 +14,7 @@ Layout of a run directory:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -29,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from fedgen.config import FedgenConfig
@@ -253,6 +255,32 @@ def load_privacy_report(run_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint file that is truncated or does not match its checksum."""
+
+
+def _tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].contiguous()
+        h.update(f"{key}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """Weights from a safetensors checkpoint (no pickle), verified against its checksum."""
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            expected = (fh.metadata() or {}).get("sha256")
+        tensors = load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types for bad headers
+        raise CheckpointError(f"checkpoint {path} is unreadable ({err})") from None
+    if expected is not None and _tensors_digest(tensors) != expected:
+        raise CheckpointError(f"checkpoint {path} does not match its checksum (corrupt)")
+    return tensors
+
+
 class RunDir:
     """Paths and writers of one run directory."""
 
@@ -314,23 +342,35 @@ class RunDir:
         path = self.checkpoints / f"round_{server_round:03d}.safetensors"
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
+        tensors = {k: v.contiguous() for k, v in state.items()}
         save_file(
-            {k: v.contiguous() for k, v in state.items()},
+            tensors,
             str(tmp),
-            metadata={"round": str(server_round)},
+            metadata={"round": str(server_round), "sha256": _tensors_digest(tensors)},
         )
-        os.replace(tmp, path)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)  # a crash leaves the old set of checkpoints, never half a file
         return path
 
     def checkpoint(self, server_round: int | None = None) -> tuple[int, dict[str, torch.Tensor]]:
-        """The global weights after `server_round` (default: the latest round)."""
+        """The global weights after `server_round`, or the latest intact checkpoint. A
+        checkpoint that fails its checksum is reported and, without a round asked for,
+        passed over for the one before it."""
         found = sorted(self.checkpoints.glob("round_*.safetensors"))
         if server_round is not None:
             found = [p for p in found if int(p.stem.split("_")[1]) == server_round]
         if not found:
             which = "" if server_round is None else f" of round {server_round}"
             raise FileNotFoundError(f"no checkpoint{which} in {self.checkpoints}")
-        return int(found[-1].stem.split("_")[1]), load_file(str(found[-1]))
+        problems = []
+        for path in reversed(found):
+            try:
+                return int(path.stem.split("_")[1]), load_checkpoint(path)
+            except CheckpointError as err:
+                problems.append(str(err))
+                print(f"[fedgen] warning: {err}; trying the one before", file=sys.stderr)
+        raise CheckpointError("; ".join(problems) + ": no intact checkpoint left")
 
     def write_privacy_report(self, ledger: PrivacyLedger) -> None:
         report = ledger.to_dict()

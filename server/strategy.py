@@ -12,10 +12,20 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Strategy
+from flwr.serverapp.strategy import (
+    FedAdam,
+    FedAvg,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    Krum,
+    MultiKrum,
+    Strategy,
+)
 
 from fedgen.config import FedgenConfig
 from fedgen.rounds import RoundRecorder
+from fedgen.updates import check_update, max_weight_change
 
 STRATEGIES: dict[str, type[FedAvg]] = {
     "fedavg": FedAvg,
@@ -23,6 +33,8 @@ STRATEGIES: dict[str, type[FedAvg]] = {
     "fedadam": FedAdam,
     "fedmedian": FedMedian,
     "fedtrimmedavg": FedTrimmedAvg,
+    "krum": Krum,
+    "multikrum": MultiKrum,
 }
 
 
@@ -142,6 +154,8 @@ def build_strategy(cfg: FedgenConfig, recorder: RoundRecorder) -> Strategy:
         kwargs.update(eta=fed.server_lr, tau=fed.server_tau, beta_1=0.9, beta_2=0.99)
     elif fed.strategy == "fedtrimmedavg":
         kwargs["beta"] = fed.trimmed_beta
+    elif fed.strategy in ("krum", "multikrum"):
+        kwargs["num_malicious_nodes"] = fed.malicious_clients
 
     class RecordingStrategy(base):  # type: ignore[valid-type, misc]
         _sampled: list[int] = []  # nodes sent a message this round (set by configure_train)
@@ -163,6 +177,7 @@ def build_strategy(cfg: FedgenConfig, recorder: RoundRecorder) -> Strategy:
             updates, declined, failures = split_replies(
                 replies, self._sampled, self._names, fed.round_timeout
             )
+            updates, rejected = self._screen(server_round, updates, failures)
             if len(updates) < fed.min_replies:
                 # Record who did not train before stopping, so the report says why.
                 recorder.record(server_round, None, [], failures, declined)
@@ -182,12 +197,42 @@ def build_strategy(cfg: FedgenConfig, recorder: RoundRecorder) -> Strategy:
             line = recorder.record(
                 server_round,
                 _float32(arrays) if arrays is not None else None,
-                [client_report(r) for r in updates],
+                # A rejected client still spent privacy: its history is recorded.
+                [*(client_report(r) for r in updates), *rejected],
                 failures,
                 declined,
             )
             recorder.print_progress(line)
             return arrays, metrics
+
+        def _screen(
+            self, server_round: int, updates: list[Message], failures: list[str]
+        ) -> tuple[list[Message], list[dict[str, Any]]]:
+            """Keep the updates that pass `fedgen.updates.check_update`; the others are
+            named in `failures` and returned as privacy-only reports."""
+            sent = self._sent.to_torch_state_dict()
+            bound = max_weight_change(cfg, cfg.stage(server_round))
+            kept, rejected = [], []
+            for reply in updates:
+                try:
+                    received = reply.content["arrays"].to_torch_state_dict()
+                    reason = check_update(sent, received, bound)
+                except (KeyError, TypeError, ValueError) as err:
+                    reason = f"unreadable update ({err})"
+                if reason is None:
+                    kept.append(reply)
+                    continue
+                try:
+                    report = client_report(reply)
+                except (KeyError, TypeError, ValueError):
+                    report = None  # nothing to account from a malformed reply
+                failures.append(
+                    f"{_node_name(reply.metadata.src_node_id, self._names)}: "
+                    f"update rejected: {reason}"
+                )
+                if report is not None:
+                    rejected.append({**report, "metrics": {}})
+            return kept, rejected
 
     RecordingStrategy.__name__ = f"Recording{base.__name__}"
     return RecordingStrategy(**kwargs)

@@ -10,6 +10,7 @@ from flwr.app import ArrayRecord
 from clients.app import train as client_train
 from fedgen.reports import RunDir
 from fedgen.rounds import RoundRecorder
+from fedgen.updates import max_weight_change
 from server.strategy import build_strategy
 
 from .helpers import small_config
@@ -28,13 +29,21 @@ def replies():
     return initial, msgs
 
 
-@pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg"])
+STRATEGIES = ["fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum", "multikrum"]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
 def test_strategy_aggregates_and_records(tmp_path, replies, strategy):
     initial, msgs = replies
-    cfg = small_config(f"federation.strategy={strategy}", "federation.trimmed_beta=0.3")
+    cfg = small_config(
+        f"federation.strategy={strategy}",
+        "federation.trimmed_beta=0.3",
+        "federation.min_train_clients=3",
+    )
     run = RunDir.create(cfg, tmp_path / "run")
     recorder = RoundRecorder(cfg, run)
     strat = build_strategy(cfg, recorder)
+    strat._sent = ArrayRecord(initial)  # what configure_train records of the weights it sends
     if strategy == "fedadam":
         # What FedAdam's configure_train keeps of the weights it sent.
         strat.current_arrays = {k: a.numpy() for k, a in ArrayRecord(initial).items()}
@@ -86,3 +95,43 @@ def test_server_optimiser_leaves_the_frozen_autoencoder_alone(tmp_path):
                 not torch.equal(new[k], weights[k]) for k in weights if k.startswith("prior.")
             )
         weights = new
+
+
+def test_nan_and_scaled_updates_are_rejected_and_the_rest_aggregated(tmp_path, replies):
+    initial, msgs = replies
+    cfg = small_config()
+    bad = []
+    for pid, poison in ((0, "nan"), (1, "scale")):
+        reply = client_train(_train_message(cfg, initial, 1), _context(cfg, pid))
+        state = reply.content["arrays"].to_torch_state_dict()
+        for key, value in state.items():
+            if value.is_floating_point():
+                state[key] = value * float("nan") if poison == "nan" else value * 1e6
+                if poison == "nan":
+                    break  # one NaN tensor is enough
+        reply.content["arrays"] = ArrayRecord(state)
+        bad.append(reply)
+
+    def aggregate(replies, name):
+        run = RunDir.create(cfg, tmp_path / name)
+        strat = build_strategy(cfg, RoundRecorder(cfg, run))
+        strat._sent = ArrayRecord(initial)
+        arrays, _ = strat.aggregate_train(1, replies)
+        return arrays.to_torch_state_dict(), run
+
+    clean, _ = aggregate(list(msgs), "clean")
+    # Fresh copies of the good replies: aggregation may consume them.
+    good = [
+        client_train(_train_message(cfg, initial, 1), _context(cfg, pid))
+        for pid in range(cfg.federation.num_clients)
+    ]
+    attacked, run = aggregate([*good, *bad], "attacked")
+    for key, value in attacked.items():
+        assert torch.isfinite(value).all()
+        # Honest rounds move a weight by at most the configured bound, so the attacked
+        # global model is within twice that of the one aggregated without the poison.
+        assert (value - clean[key]).abs().max() <= 2 * max_weight_change(cfg, "gan"), key
+    line = json.loads((run.path / "metrics.jsonl").read_text())
+    assert line["clients"] == 5 and line["failures"] == 2  # privacy of all five recorded
+    reasons = " ".join(line["failure_reasons"])
+    assert "NaN or Inf" in reasons and "more than the" in reasons

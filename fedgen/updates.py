@@ -1,0 +1,59 @@
+"""Checks on a client's update before the server aggregates it.
+
+A federation that runs for hours meets broken and hostile clients. An update is rejected
+(and the rest aggregated) when it does not have exactly the global model's keys, shapes
+and dtypes, holds NaN or Inf, or moves a weight further than the configured local
+training could: Adam moves a parameter by at most about lr per step (the bound below
+leaves a wide margin), so `steps x lr x ADAM_STEP_MARGIN` bounds any honest change."""
+
+from __future__ import annotations
+
+import torch
+
+from fedgen.config import FedgenConfig
+
+__all__ = ["max_weight_change", "check_update", "ADAM_STEP_MARGIN"]
+
+# |Adam step| <= lr * (1 - b1) / sqrt(1 - b2) / sqrt(1 - b1^2 / b2) after bias correction
+# settles, about 18 lr for b1 = 0.5 and 7 lr for b1 = 0.9 (b2 = 0.999); 50 is a margin
+# honest clients never approach and scaled or garbage updates always pass.
+ADAM_STEP_MARGIN = 50.0
+
+
+def max_weight_change(cfg: FedgenConfig, stage: str) -> float:
+    """The largest change of any one weight a client's round of `stage` can make."""
+    tr = cfg.training
+    steps = cfg.local_steps_for(stage)
+    if stage == "gan":
+        lr = max(tr.lr_discriminator, tr.lr_generator)
+    elif stage == "vqvae":
+        lr = tr.lr_vqvae
+    else:
+        lr = tr.lr_prior
+    return steps * lr * ADAM_STEP_MARGIN
+
+
+def check_update(
+    sent: dict[str, torch.Tensor], received: dict[str, torch.Tensor], max_change: float
+) -> str | None:
+    """Why `received` must not be aggregated, or None when it may."""
+    missing, extra = sorted(set(sent) - set(received)), sorted(set(received) - set(sent))
+    if missing or extra:
+        return f"keys differ from the global model: missing {missing[:3]}, extra {extra[:3]}"
+    for key, ref in sent.items():
+        new = received[key]
+        if new.shape != ref.shape:
+            return f"{key}: shape {tuple(new.shape)}, expected {tuple(ref.shape)}"
+        if new.dtype != ref.dtype and not (new.is_floating_point() and ref.is_floating_point()):
+            return f"{key}: dtype {new.dtype}, expected {ref.dtype}"
+        if not new.is_floating_point():
+            continue
+        if not torch.isfinite(new).all():
+            return f"{key}: contains NaN or Inf"
+        change = float((new.double() - ref.double()).abs().max()) if new.numel() else 0.0
+        if change > max_change:
+            return (
+                f"{key}: a weight moved by {change:.3g}, more than the {max_change:.3g} the "
+                "configured local training allows (steps x learning rate x margin)"
+            )
+    return None

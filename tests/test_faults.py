@@ -1,0 +1,131 @@
+"""Faults a long federation meets: corrupt files, bad config values."""
+
+import pytest
+import torch
+
+from fedgen.reports import CheckpointError, RunDir
+
+from .helpers import small_config
+
+
+def _weights(value: float) -> dict[str, torch.Tensor]:
+    return {"a.weight": torch.full((4, 3), value), "a.steps": torch.arange(3)}
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_corrupt_checkpoint_is_detected_and_the_previous_one_used(tmp_path, damage, capsys):
+    run = RunDir.create(small_config(), tmp_path / "run")
+    run.save_checkpoint(1, _weights(1.0))
+    latest = run.save_checkpoint(2, _weights(2.0))
+    raw = bytearray(latest.read_bytes())
+    if damage == "flip":
+        raw[-5] ^= 0xFF  # one byte of tensor data: the file still parses
+    else:
+        raw = raw[: len(raw) // 2]
+    latest.write_bytes(bytes(raw))
+
+    round_, state = run.checkpoint()
+    assert round_ == 1 and torch.equal(state["a.weight"], torch.full((4, 3), 1.0))
+    assert "round_002" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match="round_002"):
+        run.checkpoint(2)  # asked for by number: an error, not a silent substitute
+
+
+def test_intact_checkpoint_round_trips(tmp_path):
+    run = RunDir.create(small_config(), tmp_path / "run")
+    run.save_checkpoint(3, _weights(0.5))
+    round_, state = run.checkpoint()
+    assert round_ == 3 and torch.equal(state["a.steps"], torch.arange(3))
+    assert not list(run.checkpoints.glob(".*"))  # no temporary file left behind
+
+
+# ---- property-based: every invalid config gives a clean error --------------------------
+
+import traceback  # noqa: E402
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from fedgen.config import ConfigError, load_config  # noqa: E402
+from fedgen.data import DataError  # noqa: E402
+from fedgen.models import build_model  # noqa: E402
+from fedgen.rounds import preflight  # noqa: E402
+
+KEYS = [
+    "federation.num_clients", "federation.rounds", "federation.min_train_clients",
+    "federation.min_replies", "federation.fraction_train", "federation.partition",
+    "federation.dirichlet_alpha", "federation.strategy", "federation.malicious_clients",
+    "training.local_steps", "training.d_steps_per_g_step", "training.batch_size",
+    "training.physical_batch_size", "training.lr_discriminator", "model.latent_dim",
+    "model.groups", "model.generator_channels", "privacy.target_epsilon", "privacy.delta",
+    "privacy.max_grad_norm", "privacy.noise_multiplier", "privacy.accountant",
+    "privacy.enabled", "data.num_examples", "seed", "device", "no_such.key",
+]  # fmt: skip
+VALUES = st.one_of(
+    st.integers(-5, 5),
+    st.integers(-(10**12), 10**12),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from(["", "abc", "iid", "dirichlet", "fedavg", "krum", "rdp", "prv", "null",
+                     "true", "[1, 2]", "{a: 1}", "1e-300", "-0"]),
+)  # fmt: skip
+BASE = ["data.dataset=glyphs", "data.glyphs_per_class=12", "device=cpu"]
+
+
+def _raised_in_fedgen(err: BaseException) -> bool:
+    frames = traceback.extract_tb(err.__traceback__)
+    return bool(frames) and "/fedgen/" in frames[-1].filename
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.sampled_from(KEYS), VALUES), min_size=1, max_size=4))
+def test_any_config_value_gives_a_clean_error_or_a_usable_config(pairs):
+    overrides = [*BASE, *(f"{k}={v}" for k, v in pairs)]
+    try:
+        cfg = load_config(None, overrides)
+        preflight(cfg)
+        build_model(cfg.model, 10)
+    except ConfigError as err:
+        assert str(err).strip()
+    except (DataError, ValueError) as err:
+        # Our own checks, with their message; not an error from deep in torch or Opacus.
+        assert str(err).strip() and _raised_in_fedgen(err), traceback.format_exc()
+
+
+PLAUSIBLE = st.fixed_dictionaries(
+    {
+        "federation.num_clients": st.sampled_from([1, 2, 3, 10, 50, 200]),
+        "federation.partition": st.sampled_from(["iid", "dirichlet", "shards"]),
+        "federation.dirichlet_alpha": st.sampled_from([0.001, 0.5, 100]),
+        "training.batch_size": st.sampled_from([1, 8, 16, 64, 500]),
+        "training.local_steps": st.sampled_from([1, 10, 1000, 100000]),
+        "privacy.target_epsilon": st.sampled_from([1e-6, 0.01, 1, 10, 1e6]),
+        "privacy.delta": st.sampled_from([1e-12, 1e-5, 0.1, 0.9]),
+        "privacy.noise_multiplier": st.sampled_from(["null", 0.0, 0.1, 50]),
+    }
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(PLAUSIBLE)
+def test_plausible_but_impossible_setups_fail_before_training_with_the_fix(values):
+    # Values each valid alone whose combination may not be: clients with no data, a batch
+    # larger than a client's data, an unreachable epsilon, a delta that is too large.
+    overrides = [
+        *BASE,
+        "federation.min_train_clients=1",
+        "training.d_steps_per_g_step=1",
+        *(f"{k}={v}" for k, v in values.items()),
+    ]
+    try:
+        cfg = load_config(None, overrides)
+        sizes, plan, notices = preflight(cfg)
+    except ConfigError as err:
+        assert str(err).strip()
+        return
+    except (DataError, ValueError) as err:
+        assert str(err).strip() and _raised_in_fedgen(err), traceback.format_exc()
+        return
+    if cfg.privacy.enabled and cfg.privacy.noise_multiplier is None:
+        assert plan.noise_multiplier > 0
+    warned = any("privacy.delta" in n for n in notices)
+    assert warned == (cfg.privacy.enabled and cfg.privacy.delta >= 1 / min(sizes))
