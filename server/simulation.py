@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+from flwr.clientapp import ClientApp
 from flwr.simulation import run_simulation
 
 from clients.app import app as client_app
@@ -27,11 +28,12 @@ def backend_config(cfg: FedgenConfig) -> dict:
     return {"init_args": init_args, "client_resources": resources}
 
 
-def simulate(cfg: FedgenConfig, run_dir: RunDir) -> None:
-    """Run the whole federation; raises if it did not complete."""
+def simulate(cfg: FedgenConfig, run_dir: RunDir, client: ClientApp | None = None) -> None:
+    """Run the whole federation; raises if it did not complete. `client` replaces the
+    ClientApp (tests inject faults this way)."""
     run_simulation(
         server_app=make_server_app(cfg, run_dir),
-        client_app=client_app,
+        client_app=client or client_app,
         num_supernodes=cfg.federation.num_clients,
         backend_config=backend_config(cfg),
     )

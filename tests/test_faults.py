@@ -129,3 +129,35 @@ def test_plausible_but_impossible_setups_fail_before_training_with_the_fix(value
         assert plan.noise_multiplier > 0
     warned = any("privacy.delta" in n for n in notices)
     assert warned == (cfg.privacy.enabled and cfg.privacy.delta >= 1 / min(sizes))
+
+
+# ---- failing and silent clients ---------------------------------------------------------
+
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from .conftest import REPO  # noqa: E402
+
+
+def test_a_crashing_and_a_silent_client_leave_the_run_complete(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.faulty_simulation", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert json.loads((out / "manifest.json").read_text())["status"] == "completed"
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["round"] for x in lines] == [1, 2, 3]
+    assert [x["failures"] for x in lines] == [0, 2, 0]
+    reasons = lines[1]["failure_reasons"]
+    assert any("injected failure: client 1 crashed" in r for r in reasons), reasons
+    assert any("no reply within 45s" in r for r in reasons), reasons
+    report = json.loads((out / "privacy_report.json").read_text())
+    assert report["rounds"][1]["failures"] == reasons
+    assert sorted(report["rounds"][1]["epsilon"]) == ["0", "3"]
+    assert sorted(report["rounds"][2]["epsilon"]) == ["0", "1", "2", "3"]
