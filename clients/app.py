@@ -13,6 +13,7 @@ Where its data comes from depends on the SuperNode's node config:
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -66,6 +67,44 @@ def _load_privacy_state(
     return ClientPrivacyState.from_plain(json.loads(str(record["state"])))
 
 
+@dataclass(frozen=True)
+class _Client:
+    """Who this client is, its data, and where its privacy state is kept."""
+
+    client_id: str
+    data: Dataset
+    seed_index: int  # partition id, or a number from the data fingerprint on a device
+    ledger: DeviceLedger | None  # None: the state lives in context.state only
+    max_epsilon: float | None
+    skipped_files: int | None
+
+
+def _client(context: Context, config: ConfigRecord, config_json: str) -> _Client:
+    node = context.node_config
+    run_id = str(config.get("run-id", ""))
+    if "data-path" in node:
+        # Deployment: the device's own files, and a ledger on its own disk.
+        device, fingerprint = _load_device(
+            str(node["data-path"]), str(node.get("data-format", "auto"))
+        )
+        folder = Path(str(node.get("ledger-dir", "")) or default_ledger_dir()).expanduser()
+        return _Client(
+            client_id=str(node.get("client-name", "")) or f"node-{fingerprint[:8]}",
+            data=device.data,
+            seed_index=int(fingerprint[:8], 16) % 100_003,
+            ledger=DeviceLedger(folder, run_id, fingerprint),
+            max_epsilon=float(node["max-epsilon"]) if "max-epsilon" in node else None,
+            skipped_files=len(device.skipped),
+        )
+    client_id, pid, num_partitions = _client_identity(context)
+    data = _load_partition(config_json, pid, num_partitions)
+    # Simulation: the server names a folder (in the run directory) standing in for each
+    # simulated device's disk, so a resumed simulation continues every client's history.
+    folder = str(config.get("sim-ledger-dir", ""))
+    ledger = DeviceLedger(Path(folder), run_id, data_fingerprint(data)) if folder else None
+    return _Client(client_id, data, pid, ledger, None, None)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
@@ -73,88 +112,77 @@ def train(msg: Message, context: Context) -> Message:
     cfg = config_from_dict(json.loads(config_json))
     torch.set_num_threads(max(1, int(cfg.federation.client_cpus)))
     server_round = int(config["server-round"])
-    proximal_mu = float(config.get("proximal-mu", 0.0))
-    global_state = msg.content["arrays"].to_torch_state_dict()
-    if "data-path" in context.node_config:
-        return _train_on_device(msg, context, cfg, str(config["run-id"]), global_state)
+    client = _client(context, config, config_json)
+    data, ledger, p = client.data, client.ledger, cfg.privacy
 
-    client_id, pid, num_partitions = _client_identity(context)
-    data = _load_partition(config_json, pid, num_partitions)
-    privacy = _load_privacy_state(context, cfg, len(data))
-    seed = client_seed(cfg.seed, pid, server_round)
+    if ledger is not None:
+        cached = ledger.cached_reply(server_round)
+        if cached is not None:
+            # This round was trained before a restart: send the same update again. Sending
+            # an output twice costs no privacy; training again would.
+            weights, metrics = cached
+            state = ledger.state()
+            assert state is not None
+            return _reply(msg, client.client_id, len(data), weights, metrics, state)
+        privacy = ledger.state() or plan_privacy(cfg, len(data))
+    else:
+        privacy = _load_privacy_state(context, cfg, len(data))
+
+    if client.max_epsilon is not None:
+        steps = cfg.local_steps_for(cfg.stage(server_round))
+        after = epsilon_after(privacy, steps, p.delta, p.accountant) if p.enabled else float("inf")
+        if after > client.max_epsilon:
+            return _decline(msg, client, privacy, server_round, after)
+
     result, privacy = client_round(
-        cfg, global_state, data, privacy, seed, proximal_mu, server_round
+        cfg,
+        msg.content["arrays"].to_torch_state_dict(),
+        data,
+        privacy,
+        client_seed(cfg.seed, client.seed_index, server_round),
+        float(config.get("proximal-mu", 0.0)),
+        server_round,
     )
+    metrics = dict(result.metrics)
+    if client.skipped_files is not None:
+        metrics["skipped-files"] = float(client.skipped_files)
+    if ledger is not None:
+        # On disk before the reply leaves: an update that was released is always accounted.
+        ledger.write(
+            privacy,
+            client_id=client.client_id,
+            accountant=p.accountant,
+            delta=p.delta,
+            server_round=server_round,
+            num_examples=len(data),
+            reply=(result.state_dict, metrics),
+        )
     # The accountant's history lives in the node's state for the whole run, so the
     # epsilon after round r covers rounds 1..r.
     context.state.config_records[PRIVACY_STATE_KEY] = ConfigRecord(
         {"state": json.dumps(privacy.to_plain())}
     )
-    return _reply(msg, client_id, len(data), result.state_dict, result.metrics, privacy)
+    return _reply(msg, client.client_id, len(data), result.state_dict, metrics, privacy)
 
 
-def _train_on_device(
-    msg: Message,
-    context: Context,
-    cfg: FedgenConfig,
-    run_id: str,
-    global_state: dict[str, torch.Tensor],
+def _decline(
+    msg: Message, client: _Client, privacy: ClientPrivacyState, server_round: int, after: float
 ) -> Message:
-    node = context.node_config
-    config = msg.content["config"]
-    server_round = int(config["server-round"])
-    device, fingerprint = _load_device(str(node["data-path"]), str(node.get("data-format", "auto")))
-    data = device.data
-    client_id = str(node.get("client-name", "")) or f"node-{fingerprint[:8]}"
-    ledger = DeviceLedger(
-        Path(str(node.get("ledger-dir", "")) or default_ledger_dir()).expanduser(),
-        run_id,
-        fingerprint,
+    spent = client.ledger.read() if client.ledger is not None else None
+    reason = (
+        f"declined: this round would take epsilon to {after:.4g}, past this device's "
+        f"max-epsilon {client.max_epsilon:g} (spent so far {(spent or {}).get('epsilon', 0.0):.4g})"
     )
-    privacy = ledger.state() or plan_privacy(cfg, len(data))
-    p = cfg.privacy
-    if "max-epsilon" in node:
-        budget = float(node["max-epsilon"])
-        steps = cfg.local_steps_for(cfg.stage(server_round))
-        after = epsilon_after(privacy, steps, p.delta, p.accountant) if p.enabled else float("inf")
-        if after > budget:
-            spent = ledger.read() or {}
-            reason = (
-                f"declined: this round would take epsilon to {after:.4g}, past this device's "
-                f"max-epsilon {budget:g} (spent so far {spent.get('epsilon', 0.0):.4g})"
-            )
-            print(f"[fedgen] {client_id}, round {server_round}: {reason}", flush=True)
-            declined = ConfigRecord(
-                {
-                    "client-id": client_id,
-                    "reason": reason,
-                    "num-examples": len(data),
-                    **_privacy_fields(privacy),
-                }
-            )
-            return Message(content=RecordDict({"declined": declined}), reply_to=msg)
-
-    seed = int(fingerprint[:8], 16) % (2**31)
-    result, privacy = client_round(
-        cfg,
-        global_state,
-        data,
-        privacy,
-        client_seed(seed, 0, server_round),
-        float(config.get("proximal-mu", 0.0)),
-        server_round,
+    print(f"[fedgen] {client.client_id}, round {server_round}: {reason}", flush=True)
+    declined = ConfigRecord(
+        {
+            "client-id": client.client_id,
+            "reason": reason,
+            "num-examples": len(client.data),
+            **_privacy_fields(privacy),
+        }
     )
-    # On disk before the reply leaves: an update that was released is always accounted.
-    ledger.write(
-        privacy,
-        client_id=client_id,
-        accountant=p.accountant,
-        delta=p.delta,
-        server_round=server_round,
-        num_examples=len(data),
-    )
-    metrics = {**result.metrics, "skipped-files": float(len(device.skipped))}
-    return _reply(msg, client_id, len(data), result.state_dict, metrics, privacy)
+    return Message(content=RecordDict({"declined": declined}), reply_to=msg)
 
 
 def _privacy_fields(privacy: ClientPrivacyState) -> dict[str, str | float | int]:

@@ -8,18 +8,43 @@ import math
 import sys
 from pathlib import Path
 
-from fedgen.config import ConfigError, FedgenConfig, config_reference_markdown, load_config
+from fedgen.config import (
+    ConfigError,
+    FedgenConfig,
+    config_reference_markdown,
+    load_config,
+    resumable_config,
+)
 from fedgen.data import DataError
-from fedgen.reports import CheckpointError, RunDir, format_privacy_table, load_privacy_report
+from fedgen.reports import (
+    CheckpointError,
+    RunDir,
+    format_privacy_table,
+    load_privacy_report,
+    write_atomic,
+)
 from fedgen.rounds import preflight
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.set)
+    if args.resume:
+        if args.out:
+            raise ValueError("--resume continues the run in its own directory; drop --out")
+        requested = load_config(args.config, args.set) if args.config or args.set else None
+        if requested is not None and not args.config:
+            # Only --set given: apply it to the run's own config, not the quickstart.
+            requested = load_config(Path(args.resume) / "config.yaml", args.set)
+        cfg = resumable_config(args.resume, requested)
+    else:
+        cfg = load_config(args.config, args.set)
     sizes, plan, notices = preflight(cfg)  # fail here, before Ray starts, on bad data or budgets
     for notice in notices:
         print(f"[fedgen] WARNING: {notice}", file=sys.stderr)
-    run_dir = RunDir.create(cfg, args.out)
+    if args.resume:
+        run_dir = RunDir(Path(args.resume).resolve())
+        write_atomic(run_dir.path / "config.yaml", cfg.to_yaml())
+    else:
+        run_dir = RunDir.create(cfg, args.out)
     source = args.config or "built-in quickstart (glyphs)"
     print(f"[fedgen] config: {source}")
     print(
@@ -45,7 +70,7 @@ def _simulate(args: argparse.Namespace) -> int:
     # depend on Flower, only this command does.
     from server.simulation import simulate
 
-    simulate(cfg, run_dir)
+    simulate(cfg, run_dir, resume=bool(args.resume))
     report = load_privacy_report(run_dir.path)
     print()
     print(format_privacy_table(report))
@@ -242,6 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting"
     )
     sim.add_argument("--out", help="run directory (default: run.out_dir/NAME-TIMESTAMP)")
+    sim.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue a stopped run from its last intact round (its own config; --set may "
+        "change only settings that keep it sound, e.g. run.*, evaluation.*, device)",
+    )
     sim.set_defaults(func=_simulate)
 
     rep = sub.add_parser(

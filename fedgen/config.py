@@ -484,3 +484,45 @@ def _is_section(annotation: Any) -> bool:
 def _default(field: Any) -> str:
     value = field.get_default(call_default_factory=True)
     return "null" if value is None else str(value)
+
+
+# Settings a resumed run may change: they do not touch the model, the data, how it is split
+# or the privacy plan (changing any of those would make the saved weights or the
+# clients' accounting wrong for the rest of the run).
+RESUME_SAFE = ("run.", "evaluation.", "device", "federation.round_timeout",
+               "federation.client_cpus", "federation.client_gpus", "federation.min_replies")  # fmt: skip
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def resumable_config(run_path: str | Path, requested: FedgenConfig | None) -> FedgenConfig:
+    """The config to resume `run_path` with: its own, or `requested` when that changes only
+    settings in RESUME_SAFE; otherwise a ConfigError that lists what changed."""
+    saved_path = Path(run_path) / "config.yaml"
+    if not saved_path.is_file():
+        raise ConfigError(f"{run_path} is not a fedgen run directory (no config.yaml)")
+    saved = load_config(saved_path)
+    if requested is None:
+        return saved
+    before, after = _flat(saved.model_dump(mode="json")), _flat(requested.model_dump(mode="json"))
+    unsafe = [
+        f"{key}: {before.get(key)!r} -> {after.get(key)!r}"
+        for key in sorted(set(before) | set(after))
+        if before.get(key) != after.get(key) and not key.startswith(RESUME_SAFE)
+    ]
+    if unsafe:
+        raise ConfigError(
+            f"cannot resume {run_path}: these settings differ from the run's own config, and "
+            "changing them mid-run would make its weights or privacy accounting unsound: "
+            + "; ".join(unsafe)
+            + ". Resume without them, or start a new run"
+        )
+    return requested

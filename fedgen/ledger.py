@@ -17,7 +17,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from fedgen.privacy import HistoryEntry, epsilon_of
+from fedgen.reports import CheckpointError, load_checkpoint, save_tensors
 from fedgen.rounds import ClientPrivacyState
 
 __all__ = ["LedgerError", "DeviceLedger", "default_ledger_dir", "epsilon_after"]
@@ -69,6 +72,24 @@ class DeviceLedger:
             raise LedgerError(f"{path} accounts for different data than this device holds now")
         return content
 
+    @property
+    def reply_path(self) -> Path:
+        return self.path.with_suffix(".reply.safetensors")
+
+    def cached_reply(
+        self, server_round: int
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float]] | None:
+        """The update this client sent for `server_round`, if that was its last round."""
+        content = self.read()
+        last = (content or {}).get("last_reply")
+        if not last or int(last["round"]) != server_round:
+            return None
+        try:
+            weights = load_checkpoint(self.reply_path)
+        except CheckpointError:
+            return None  # lost: the round is trained again and counted again (never less)
+        return weights, {str(k): float(v) for k, v in last["metrics"].items()}
+
     def state(self) -> ClientPrivacyState | None:
         content = self.read()
         return None if content is None else ClientPrivacyState.from_plain(content)
@@ -82,8 +103,15 @@ class DeviceLedger:
         delta: float,
         server_round: int,
         num_examples: int,
+        reply: tuple[dict[str, torch.Tensor], dict[str, float]] | None = None,
     ) -> dict[str, Any]:
+        """Record the state after `server_round`; `reply` (weights, metrics) is kept so a
+        restarted client asked for the same round sends it again instead of retraining."""
         previous = self.read() or {}
+        last_reply = None
+        if reply is not None:
+            save_tensors(self.reply_path, reply[0], {"round": str(server_round)})
+            last_reply = {"round": server_round, "metrics": reply[1]}
         rounds = sorted({*previous.get("rounds", []), server_round})
         content = {
             "format": LEDGER_FORMAT,
@@ -96,6 +124,7 @@ class DeviceLedger:
             "epsilon": epsilon_of(state.history, delta, accountant),
             "rounds": rounds,
             **state.to_plain(),
+            "last_reply": last_reply,
             "updated": datetime.now(UTC).isoformat(timespec="seconds"),
             "recompute": "opacus.accountants.create_accountant(accountant); acc.history = "
             "[tuple(h) for h in history]; acc.get_epsilon(delta)",

@@ -158,6 +158,11 @@ class PrivacyLedger:
         }
         return recomputed
 
+    def restore(self, saved: dict[str, Any]) -> None:
+        """Continue from the `clients` and `rounds` of a saved report (resume)."""
+        self.clients = {str(k): dict(v) for k, v in saved["clients"].items()}
+        self.rounds = [dict(r) for r in saved["rounds"]]
+
     @property
     def max_epsilon(self) -> float:
         return max((c["epsilon"] or 0.0 for c in self.clients.values()), default=0.0)
@@ -268,6 +273,20 @@ def _tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def save_tensors(
+    path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> None:
+    """Safetensors with a SHA-256 of the tensors in its metadata, written atomically: a
+    crash leaves the previous file or the new one, never half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    save_file(tensors, str(tmp), metadata={**(metadata or {}), "sha256": _tensors_digest(tensors)})
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
 def load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     """Weights from a safetensors checkpoint (no pickle), verified against its checksum."""
     try:
@@ -340,17 +359,7 @@ class RunDir:
 
     def save_checkpoint(self, server_round: int, state: dict[str, torch.Tensor]) -> Path:
         path = self.checkpoints / f"round_{server_round:03d}.safetensors"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tensors = {k: v.contiguous() for k, v in state.items()}
-        save_file(
-            tensors,
-            str(tmp),
-            metadata={"round": str(server_round), "sha256": _tensors_digest(tensors)},
-        )
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)  # a crash leaves the old set of checkpoints, never half a file
+        save_tensors(path, state, {"round": str(server_round)})
         return path
 
     def checkpoint(self, server_round: int | None = None) -> tuple[int, dict[str, torch.Tensor]]:
@@ -371,6 +380,58 @@ class RunDir:
                 problems.append(str(err))
                 print(f"[fedgen] warning: {err}; trying the one before", file=sys.stderr)
         raise CheckpointError("; ".join(problems) + ": no intact checkpoint left")
+
+    # --- resume ---------------------------------------------------------------------
+    def save_server_state(
+        self, server_round: int, state: dict[str, Any], strategy: dict[str, torch.Tensor]
+    ) -> None:
+        """What the server needs, besides the round's checkpoint, to continue after
+        `server_round`: written last, so a state file always has its checkpoint."""
+        if strategy:
+            save_tensors(self.checkpoints / f"strategy_{server_round:03d}.safetensors", strategy)
+        write_atomic(
+            self.checkpoints / f"server_{server_round:03d}.json",
+            json.dumps({"round": server_round, "has_strategy": bool(strategy), **state}),
+        )
+
+    def resume_point(self) -> tuple[int, dict[str, torch.Tensor], dict[str, Any], dict]:
+        """The last round whose checkpoint and server state are both intact: (round,
+        weights, server state, strategy tensors). Damaged files are reported and the
+        round before is used."""
+        states = sorted(self.checkpoints.glob("server_*.json"), reverse=True)
+        if not states:
+            raise FileNotFoundError(
+                f"{self.path} has no completed round to resume from (no checkpoints/server_*.json)"
+            )
+        for path in states:
+            server_round = int(path.stem.split("_")[1])
+            try:
+                state = json.loads(path.read_text())
+                weights = load_checkpoint(
+                    self.checkpoints / f"round_{server_round:03d}.safetensors"
+                )
+                strategy = (
+                    load_checkpoint(self.checkpoints / f"strategy_{server_round:03d}.safetensors")
+                    if state.get("has_strategy")
+                    else {}
+                )
+            except (ValueError, OSError, CheckpointError) as err:
+                print(
+                    f"[fedgen] warning: round {server_round} cannot be resumed from ({err}); "
+                    "trying the round before",
+                    file=sys.stderr,
+                )
+                continue
+            return server_round, weights, state, strategy
+        raise CheckpointError(f"no intact round to resume from in {self.checkpoints}")
+
+    def truncate_metrics(self, last_round: int) -> None:
+        """Drop metrics lines of rounds after `last_round` (a round cut short by a crash)."""
+        path = self.path / "metrics.jsonl"
+        if path.is_file():
+            lines = [x for x in path.read_text().splitlines() if x.strip()]
+            keep = [x for x in lines if json.loads(x)["round"] <= last_round]
+            write_atomic(path, "".join(x + "\n" for x in keep))
 
     def write_privacy_report(self, ledger: PrivacyLedger) -> None:
         report = ledger.to_dict()

@@ -4,6 +4,7 @@ plain values in and out of Flower messages."""
 
 from __future__ import annotations
 
+import random
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -213,6 +214,14 @@ def _train_vqvae_stage(
     return LocalResult(state, {"steps": float(steps)}, history)
 
 
+def _plain(value: Any) -> Any:
+    return [_plain(v) for v in value] if isinstance(value, tuple | list) else value
+
+
+def _tuple(value: Any) -> Any:
+    return tuple(_tuple(v) for v in value) if isinstance(value, list) else value
+
+
 class RoundRecorder:
     """Server-side bookkeeping after each aggregation: metrics, checkpoint, samples and
     the privacy report, all in the run directory."""
@@ -224,6 +233,20 @@ class RoundRecorder:
         self.evaluator = Evaluator(cfg)
         self._round_start = time.perf_counter()
         self._quality: list[dict[str, Any]] = []  # metrics lines with quality figures
+
+    def server_state(self) -> dict[str, Any]:
+        """The recorder's part of what a resumed run needs (see `RunDir.save_server_state`)."""
+        return {
+            "ledger": {"clients": self.ledger.clients, "rounds": self.ledger.rounds},
+            "quality": self._quality,
+            # Flower samples clients with Python's `random`: its state, for the same draws.
+            "random_state": _plain(random.getstate()),
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.ledger.restore(state["ledger"])
+        self._quality = list(state["quality"])
+        random.setstate(_tuple(state["random_state"]))
 
     def round_started(self) -> None:
         self._round_start = time.perf_counter()

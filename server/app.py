@@ -13,10 +13,10 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedgen.config import FedgenConfig, load_config
-from fedgen.reports import RunDir
+from fedgen.config import FedgenConfig, load_config, resumable_config
+from fedgen.reports import RunDir, write_atomic
 from fedgen.rounds import RoundRecorder
-from server.strategy import build_strategy
+from server.strategy import build_strategy, restore_strategy_state
 
 APP_ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,21 +30,47 @@ def config_from_run_config(run_config: dict) -> tuple[FedgenConfig, str | None]:
     return load_config(path or None, overrides), out
 
 
-def run_federation(grid: Grid, cfg: FedgenConfig, run_dir: RunDir) -> None:
+def _overrides(run_config: dict) -> bool:
+    return bool(
+        str(run_config.get("config", "") or "") or str(run_config.get("overrides", "") or "")
+    )
+
+
+def run_federation(grid: Grid, cfg: FedgenConfig, run_dir: RunDir, resume: bool = False) -> None:
+    """Run every round of the experiment, or, with `resume`, the rounds after the last
+    one `run_dir` holds intact."""
     recorder = RoundRecorder(cfg, run_dir)
-    strategy = build_strategy(cfg, recorder)
+    first_round, weights = 1, recorder.initial_state()
+    strategy_tensors: dict = {}
+    if resume:
+        last, weights, state, strategy_tensors = run_dir.resume_point()
+        recorder.restore(state)
+        run_dir.truncate_metrics(last)
+        first_round = last + 1
+        print(f"[fedgen] resuming {run_dir.path} after round {last}", flush=True)
+    strategy = build_strategy(cfg, recorder, first_round)
+    restore_strategy_state(strategy, strategy_tensors)
     run_dir.write_manifest(cfg)
+    if first_round > cfg.total_rounds:
+        print(f"[fedgen] {run_dir.path} has finished all {cfg.total_rounds} rounds", flush=True)
+        run_dir.finish(cfg, status="completed")
+        return
+    train_config = {
+        "fedgen-config": cfg.to_json(),
+        # Devices key their privacy ledgers by the run id.
+        "run-id": run_dir.run_id,
+        # Simulated clients keep their ledgers here (a stand-in for each device's disk);
+        # real devices use the ledger-dir of their own node config instead.
+        "sim-ledger-dir": str(run_dir.path / "client-ledgers"),
+    }
     try:
         strategy.start(
             grid=grid,
-            initial_arrays=ArrayRecord(recorder.initial_state()),
-            num_rounds=cfg.total_rounds,
+            initial_arrays=ArrayRecord(weights),
+            num_rounds=cfg.total_rounds - first_round + 1,
             timeout=cfg.federation.round_timeout,
-            # Clients validate this with the same schema: one source for every setting.
-            train_config=ConfigRecord(
-                # Devices key their privacy ledgers by the run id.
-                {"fedgen-config": cfg.to_json(), "run-id": run_dir.run_id}
-            ),
+            # Clients validate the config with the same schema: one source for every setting.
+            train_config=ConfigRecord(train_config),
         )
     except BaseException:
         run_dir.finish(cfg, status="failed")
@@ -52,20 +78,31 @@ def run_federation(grid: Grid, cfg: FedgenConfig, run_dir: RunDir) -> None:
     run_dir.finish(cfg, status="completed")
 
 
-def make_server_app(cfg: FedgenConfig | None = None, run_dir: RunDir | None = None) -> ServerApp:
+def make_server_app(
+    cfg: FedgenConfig | None = None, run_dir: RunDir | None = None, resume: bool = False
+) -> ServerApp:
     """A ServerApp for a config prepared by the caller (fedgen simulate), or, with no
-    arguments, one that reads the experiment from Flower's run config (flwr run)."""
+    arguments, one that reads the experiment from Flower's run config (flwr run): a
+    non-empty `resume` there names a run directory to continue."""
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_cfg, run = cfg, run_dir
+        run_cfg, run, resuming = cfg, run_dir, resume
         if run_cfg is None:
-            run_cfg, out = config_from_run_config(dict(context.run_config))
-            run = RunDir.create(run_cfg, out)
+            run_config = dict(context.run_config)
+            run_cfg, out = config_from_run_config(run_config)
+            resume_dir = str(run_config.get("resume", "") or "")
+            if resume_dir:
+                run = RunDir(resume_dir)
+                run_cfg = resumable_config(run.path, run_cfg if _overrides(run_config) else None)
+                write_atomic(run.path / "config.yaml", run_cfg.to_yaml())
+                resuming = True
+            else:
+                run = RunDir.create(run_cfg, out)
             print(f"[fedgen] run directory: {run.path}", flush=True)
         assert run is not None
-        run_federation(grid, run_cfg, run)
+        run_federation(grid, run_cfg, run, resume=resuming)
 
     return server_app
 

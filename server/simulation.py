@@ -28,11 +28,14 @@ def backend_config(cfg: FedgenConfig) -> dict:
     return {"init_args": init_args, "client_resources": resources}
 
 
-def simulate(cfg: FedgenConfig, run_dir: RunDir, client: ClientApp | None = None) -> None:
-    """Run the whole federation; raises if it did not complete. `client` replaces the
-    ClientApp (tests inject faults this way)."""
+def simulate(
+    cfg: FedgenConfig, run_dir: RunDir, client: ClientApp | None = None, resume: bool = False
+) -> None:
+    """Run the whole federation (with `resume`, the rounds after the last intact one in
+    `run_dir`); raises if it did not complete. `client` replaces the ClientApp (tests
+    inject faults this way)."""
     run_simulation(
-        server_app=make_server_app(cfg, run_dir),
+        server_app=make_server_app(cfg, run_dir, resume),
         client_app=client or client_app,
         num_supernodes=cfg.federation.num_clients,
         backend_config=backend_config(cfg),

@@ -10,6 +10,8 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
@@ -138,7 +140,30 @@ def _float32(arrays: ArrayRecord) -> dict:
     }
 
 
-def build_strategy(cfg: FedgenConfig, recorder: RoundRecorder) -> Strategy:
+def strategy_state(strategy: Strategy) -> dict[str, torch.Tensor]:
+    """A server optimiser's moments (FedAdam's m_t and v_t), as tensors to checkpoint."""
+    out: dict[str, torch.Tensor] = {}
+    for name in ("m_t", "v_t"):
+        for key, value in (getattr(strategy, name, None) or {}).items():
+            out[f"{name}/{key}"] = torch.from_numpy(np.ascontiguousarray(value))
+    return out
+
+
+def restore_strategy_state(strategy: Strategy, tensors: dict[str, torch.Tensor]) -> None:
+    for name in ("m_t", "v_t"):
+        moments = {
+            key.split("/", 1)[1]: value.numpy()
+            for key, value in tensors.items()
+            if key.startswith(f"{name}/")
+        }
+        if moments:
+            setattr(strategy, name, moments)
+
+
+def build_strategy(cfg: FedgenConfig, recorder: RoundRecorder, first_round: int = 1) -> Strategy:
+    """The configured strategy; `first_round` > 1 when a resumed run continues (Flower
+    counts its rounds from 1, so rounds are shifted to the run's own numbering)."""
+    offset = first_round - 1
     fed = cfg.federation
     base = STRATEGIES[fed.strategy]
     kwargs: dict[str, Any] = {
@@ -164,6 +189,7 @@ def build_strategy(cfg: FedgenConfig, recorder: RoundRecorder) -> Strategy:
         def configure_train(
             self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
         ) -> Iterable[Message]:
+            server_round += offset
             recorder.round_started()
             self._sent = arrays
             messages = list(super().configure_train(server_round, arrays, config, grid))
@@ -173,6 +199,7 @@ def build_strategy(cfg: FedgenConfig, recorder: RoundRecorder) -> Strategy:
         def aggregate_train(
             self, server_round: int, replies: Iterable[Message]
         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+            server_round += offset
             replies = list(replies)
             updates, declined, failures = split_replies(
                 replies, self._sampled, self._names, fed.round_timeout
@@ -202,6 +229,10 @@ def build_strategy(cfg: FedgenConfig, recorder: RoundRecorder) -> Strategy:
                 failures,
                 declined,
             )
+            if arrays is not None:
+                recorder.run_dir.save_server_state(
+                    server_round, recorder.server_state(), strategy_state(self)
+                )
             recorder.print_progress(line)
             return arrays, metrics
 
