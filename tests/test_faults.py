@@ -161,3 +161,25 @@ def test_a_crashing_and_a_silent_client_leave_the_run_complete(tmp_path):
     assert report["rounds"][1]["failures"] == reasons
     assert sorted(report["rounds"][1]["epsilon"]) == ["0", "3"]
     assert sorted(report["rounds"][2]["epsilon"]) == ["0", "1", "2", "3"]
+
+
+# ---- resuming with a changed config -------------------------------------------------------
+
+from fedgen.config import resumable_config  # noqa: E402
+
+
+def test_resume_refuses_unsound_changes_and_names_them(tmp_path):
+    saved = small_config()
+    (tmp_path / "config.yaml").write_text(saved.to_yaml())
+    assert resumable_config(tmp_path, None) == saved
+    safe = small_config("run.eval_every=3", "evaluation.samples=500", "federation.round_timeout=9")
+    assert resumable_config(tmp_path, safe) == safe
+    for setting, named in [
+        ("model.latent_dim=8", "model.latent_dim: 16 -> 8"),
+        ("privacy.target_epsilon=4", "privacy.target_epsilon"),
+        ("federation.rounds=9", "federation.rounds: 3 -> 9"),
+        ("data.glyphs_per_class=40", "data.glyphs_per_class"),
+    ]:
+        with pytest.raises(ConfigError, match="cannot resume") as err:
+            resumable_config(tmp_path, small_config(setting))
+        assert named in str(err.value)

@@ -39,6 +39,7 @@ def test_strategy_aggregates_and_records(tmp_path, replies, strategy):
         f"federation.strategy={strategy}",
         "federation.trimmed_beta=0.3",
         "federation.min_train_clients=3",
+        "run.eval_every=100",  # these tests are about aggregation, not sample quality
     )
     run = RunDir.create(cfg, tmp_path / "run")
     recorder = RoundRecorder(cfg, run)
@@ -99,7 +100,7 @@ def test_server_optimiser_leaves_the_frozen_autoencoder_alone(tmp_path):
 
 def test_nan_and_scaled_updates_are_rejected_and_the_rest_aggregated(tmp_path, replies):
     initial, msgs = replies
-    cfg = small_config()
+    cfg = small_config("run.eval_every=100")
     bad = []
     for pid, poison in ((0, "nan"), (1, "scale")):
         reply = client_train(_train_message(cfg, initial, 1), _context(cfg, pid))
