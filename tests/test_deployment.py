@@ -134,6 +134,7 @@ def federation(tmp_path_factory):
             "gamma_data": gamma_data,
             "alpha": alpha,
             "beta": restarted,
+            "deployment": dep,
         }
     finally:
         dep.stop()
@@ -206,3 +207,23 @@ def test_corrupt_file_is_skipped_and_counted(federation):
     lines = [json.loads(x) for x in (federation["out"] / "metrics.jsonl").read_text().splitlines()]
     assert lines[0]["skipped_files"] == 1  # alpha's broken0.png; beta's .npz has none
     assert report(federation)["clients"]["alpha"]["num_examples"] == 60
+
+
+def test_resume_under_flwr_run_continues_the_devices_ledgers(federation):
+    # Runs last: it rewrites the run directory. A server crash after round 2: round 3's
+    # server files are gone, while beta had trained round 3 and alpha declined it.
+    out = federation["out"]
+    before = report(federation)["clients"]
+    for name in ("server_003.json", "round_003.safetensors"):
+        (out / "checkpoints" / name).unlink()
+    done = federation["deployment"].run(f"resume='{out}'", timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert json.loads((out / "manifest.json").read_text())["status"] == "completed"
+    after = report(federation)["clients"]
+    # beta answered the re-sent round with the update it had kept; alpha declined again.
+    assert {k: c["history"] for k, c in after.items()} == {
+        k: c["history"] for k, c in before.items()
+    }
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["round"] for x in lines] == [1, 2, 3]
+    assert "alpha" in lines[-1]["declined"]
