@@ -88,11 +88,12 @@ def _client(context: Context, config: ConfigRecord, config_json: str) -> _Client
             str(node["data-path"]), str(node.get("data-format", "auto"))
         )
         folder = Path(str(node.get("ledger-dir", "")) or default_ledger_dir()).expanduser()
+        client_id = str(node.get("client-name", "")) or f"node-{fingerprint[:8]}"
         return _Client(
-            client_id=str(node.get("client-name", "")) or f"node-{fingerprint[:8]}",
+            client_id=client_id,
             data=device.data,
             seed_index=int(fingerprint[:8], 16) % 100_003,
-            ledger=DeviceLedger(folder, run_id, fingerprint),
+            ledger=DeviceLedger(folder, run_id, fingerprint, client_id),
             max_epsilon=float(node["max-epsilon"]) if "max-epsilon" in node else None,
             skipped_files=len(device.skipped),
         )
@@ -101,7 +102,9 @@ def _client(context: Context, config: ConfigRecord, config_json: str) -> _Client
     # Simulation: the server names a folder (in the run directory) standing in for each
     # simulated device's disk, so a resumed simulation continues every client's history.
     folder = str(config.get("sim-ledger-dir", ""))
-    ledger = DeviceLedger(Path(folder), run_id, data_fingerprint(data)) if folder else None
+    ledger = (
+        DeviceLedger(Path(folder), run_id, data_fingerprint(data), client_id) if folder else None
+    )
     return _Client(client_id, data, pid, ledger, None, None)
 
 

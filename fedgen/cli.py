@@ -30,10 +30,10 @@ def _simulate(args: argparse.Namespace) -> int:
     if args.resume:
         if args.out:
             raise ValueError("--resume continues the run in its own directory; drop --out")
-        requested = load_config(args.config, args.set) if args.config or args.set else None
-        if requested is not None and not args.config:
-            # Only --set given: apply it to the run's own config, not the quickstart.
-            requested = load_config(Path(args.resume) / "config.yaml", args.set)
+        requested = None
+        if args.config or args.set:
+            # --set alone applies to the run's own config, not the quickstart.
+            requested = load_config(args.config or Path(args.resume) / "config.yaml", args.set)
         cfg = resumable_config(args.resume, requested)
     else:
         cfg = load_config(args.config, args.set)

@@ -299,10 +299,12 @@ class FedgenConfig(_Section):
                 f"{2 * fed.malicious_clients + 2}; raise min_train_clients or lower "
                 "malicious_clients"
             )
-        if fed.min_replies > fed.num_clients:
+        sampled = max(int(fed.num_clients * fed.fraction_train), fed.min_train_clients)
+        if fed.min_replies > sampled:
             raise ValueError(
-                f"federation.min_replies={fed.min_replies} exceeds "
-                f"federation.num_clients={fed.num_clients}; no round could complete"
+                f"federation.min_replies={fed.min_replies} exceeds the {sampled} clients a "
+                "round samples (num_clients x fraction_train, at least min_train_clients); "
+                "no round could complete: lower it"
             )
         if model.type == "vqvae" and model.vq_channels % model.groups:
             raise ValueError(

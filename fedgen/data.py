@@ -266,6 +266,11 @@ class DeviceData:
 
 def _to_model_image(img: Image.Image) -> np.ndarray:
     # Grey or RGB(A) in, the model's 1-channel 28x28 out; alpha is composited on black.
+    if img.mode.startswith("I") or img.mode == "F":
+        # 16/32-bit grey: scale by the format's range, not clip at 255.
+        values = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if "16" in img.mode else max(float(values.max()), 1.0)
+        img = Image.fromarray(np.clip(values / top * 255.0, 0, 255).round().astype(np.uint8))
     if img.mode in ("RGBA", "LA", "P"):
         img = img.convert("RGBA")
         background = Image.new("RGBA", img.size, (0, 0, 0, 255))
@@ -307,7 +312,7 @@ def load_image_folder(root: str | Path) -> DeviceData:
                 with Image.open(path) as img:
                     img.load()  # decodes every pixel: truncated files fail here, not later
                     images.append(_to_model_image(img))
-            except (OSError, ValueError, Image.DecompressionBombError) as err:
+            except Exception as err:  # Pillow raises several types (SyntaxError among them)
                 skipped.append((str(path), f"unreadable image: {err}"))
                 continue
             labels.append(label)
@@ -332,8 +337,14 @@ def load_npz(path: str | Path) -> DeviceData:
                     f"{', '.join(sorted(keys)) or 'none'}"
                 )
             raw_images, raw_labels = npz["images"], npz["labels"]
-    except (OSError, ValueError, EOFError) as err:
+    except DataError:
+        raise
+    except Exception as err:  # e.g. an .npy renamed .npz gives a TypeError
         raise DataError(f"{path} is not a readable .npz file ({err})") from None
+    if raw_labels.ndim != 1:
+        raise DataError(
+            f"{path}: labels must be one integer per image, shape (N,); got {raw_labels.shape}"
+        )
     if raw_images.ndim not in (3, 4) or raw_images.shape[0] != raw_labels.shape[0]:
         raise DataError(
             f"{path}: images must be (N, H, W) or (N, H, W, C) with one label each; got "
@@ -348,11 +359,24 @@ def load_npz(path: str | Path) -> DeviceData:
             f"{path}: labels must lie in 0..{NUM_CLASSES - 1}; found {int(raw_labels.min())}"
             f"..{int(raw_labels.max())}"
         )
+    if raw_images.ndim == 4 and raw_images.shape[-1] not in (1, 3, 4):
+        raise DataError(
+            f"{path}: images have {raw_images.shape[-1]} channels; use 1 (grey), 3 (RGB) or 4"
+        )
+    if raw_images.dtype == np.bool_:
+        raw_images = raw_images.astype(np.uint8) * 255
     if np.issubdtype(raw_images.dtype, np.floating):
         if not np.isfinite(raw_images).all():
             raise DataError(f"{path}: images contain NaN or infinite values")
-        raw_images = (np.clip(raw_images, 0.0, 1.0) * 255).round()
-    pixels = raw_images.astype(np.uint8)
+        # 0-1 floats are scaled up; 0-255 floats are taken as they are.
+        scale = 255.0 if raw_images.max() <= 1.0 else 1.0
+        raw_images = raw_images * scale
+    if raw_images.min() < 0 or raw_images.max() > 255:
+        raise DataError(
+            f"{path}: pixel values span {raw_images.min()}..{raw_images.max()}; use 0-255 "
+            "(integers or floats) or 0-1 (floats)"
+        )
+    pixels = np.asarray(raw_images).round().astype(np.uint8)
     if pixels.ndim == 4 and pixels.shape[-1] == 1:
         pixels = pixels[..., 0]
     needs_conversion = pixels.ndim == 4 or pixels.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE)

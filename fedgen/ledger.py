@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from fedgen.privacy import HistoryEntry, epsilon_of
-from fedgen.reports import CheckpointError, load_checkpoint, save_tensors
+from fedgen.reports import CheckpointError, fsync_dir, load_checkpoint, save_tensors
 from fedgen.rounds import ClientPrivacyState
 
 __all__ = ["LedgerError", "DeviceLedger", "default_ledger_dir", "epsilon_after"]
@@ -47,11 +47,15 @@ class DeviceLedger:
     folder: Path
     run_id: str
     data_fingerprint: str
+    client_id: str
 
     @property
     def path(self) -> Path:
+        # Named by run and client, not by the data: a device whose data changed finds its
+        # ledger and is refused, instead of starting a fresh history under a new name.
         run = re.sub(r"[^A-Za-z0-9_.-]", "_", self.run_id)[:64]
-        return self.folder / f"{run}-{self.data_fingerprint[:16]}.json"
+        client = re.sub(r"[^A-Za-z0-9_.-]", "_", self.client_id)[:64]
+        return self.folder / f"{run}-{client}.json"
 
     def read(self) -> dict[str, Any] | None:
         """The ledger's content, or None when this run has not trained on this data yet."""
@@ -69,7 +73,10 @@ class DeviceLedger:
         if content.get("format") != LEDGER_FORMAT or content.get("run_id") != self.run_id:
             raise LedgerError(f"{path} is not this run's ledger (format or run id differ)")
         if content.get("data_fingerprint") != self.data_fingerprint:
-            raise LedgerError(f"{path} accounts for different data than this device holds now")
+            raise LedgerError(
+                f"{path} accounts for different data than this client holds now (its data "
+                "changed mid-run); restore the data, or start a new run"
+            )
         return content
 
     @property
@@ -85,9 +92,11 @@ class DeviceLedger:
         if not last or int(last["round"]) != server_round:
             return None
         try:
-            weights = load_checkpoint(self.reply_path)
+            weights, metadata = load_checkpoint(self.reply_path, with_metadata=True)
         except CheckpointError:
             return None  # lost: the round is trained again and counted again (never less)
+        if metadata.get("round") != str(server_round):
+            return None  # a reply file newer than the ledger (crash between the two writes)
         return weights, {str(k): float(v) for k, v in last["metrics"].items()}
 
     def state(self) -> ClientPrivacyState | None:
@@ -139,6 +148,7 @@ class DeviceLedger:
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, self.path)
+            fsync_dir(self.folder)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise

@@ -56,6 +56,7 @@ def write_atomic(path: Path, data: bytes | str) -> None:
         os.fsync(tmp.fileno())
     _plain_mode(Path(tmp.name))
     os.replace(tmp.name, path)
+    fsync_dir(path.parent)
 
 
 def _read_umask() -> int:
@@ -140,7 +141,14 @@ class PrivacyLedger:
     def _update_client(self, rep: dict[str, Any], trained: bool) -> float | None:
         cid = str(rep["client_id"])
         before = self.clients.get(cid, {})
-        history = [[float(s), float(q), int(n)] for s, q, n in rep["history"]]
+        reported = [[float(s), float(q), int(n)] for s, q, n in rep["history"]]
+        lost = before.get("lost_history", [])
+        own = before.get("history", [])[len(lost) :]  # what the client itself still holds
+        if own and not _extends(own, reported):
+            # The client lost its history (a new device, a lost ledger): what it spent
+            # before still counts, so the two compose; the report flags it.
+            lost = [*lost, *own]
+        history = [*lost, *reported]
         p = self.cfg.privacy
         recomputed = epsilon_of(history, p.delta, p.accountant) if p.enabled else None
         self.clients[cid] = {
@@ -156,12 +164,25 @@ class PrivacyLedger:
             "history": history,
             "stage_steps": dict(rep.get("stage_steps", {})),
         }
+        if lost:
+            self.clients[cid]["lost_history"] = lost
         return recomputed
 
-    def restore(self, saved: dict[str, Any]) -> None:
-        """Continue from the `clients` and `rounds` of a saved report (resume)."""
+    def restore(self, saved: dict[str, Any], reported: dict[str, Any]) -> None:
+        """Continue from the `clients` and `rounds` of a saved server state (resume);
+        a client whose history in `reported` (a later report) is longer keeps that one."""
         self.clients = {str(k): dict(v) for k, v in saved["clients"].items()}
         self.rounds = [dict(r) for r in saved["rounds"]]
+        spending = ("epsilon", "reported_epsilon", "steps", "history", "lost_history",
+                    "stage_steps", "noise_multiplier", "sample_rate", "planned_steps",
+                    "num_examples")  # fmt: skip
+        for cid, client in reported.items():
+            mine = self.clients.get(cid)
+            if mine is None:
+                # Trained only in the round that was cut short: counted, 0 rounds recorded.
+                self.clients[cid] = {**client, "rounds_participated": 0, "declined_rounds": []}
+            elif client.get("steps", 0) > mine.get("steps", 0):
+                mine.update({k: client[k] for k in spending if k in client})
 
     @property
     def max_epsilon(self) -> float:
@@ -193,6 +214,20 @@ class PrivacyLedger:
                 "acc.history = [tuple(h) for h in history]; acc.get_epsilon(delta)"
             ),
         }
+
+
+def _extends(old: list[list[float]], new: list[list[float]]) -> bool:
+    """Whether accountant history `new` continues `old` (Opacus merges equal consecutive
+    entries, so the last old entry may have grown)."""
+    if len(new) < len(old):
+        return False
+    for i, (sigma, q, steps) in enumerate(old):
+        ns, nq, nsteps = new[i]
+        if (ns, nq) != (sigma, q):
+            return False
+        if nsteps != steps and not (i == len(old) - 1 and nsteps > steps):
+            return False
+    return True
 
 
 MECHANISMS = {
@@ -260,6 +295,11 @@ def load_privacy_report(run_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def _round_of(path: Path) -> int:
+    # By number, not name: round_1000 comes after round_999.
+    return int(path.stem.split("_")[1])
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint file that is truncated or does not match its checksum."""
 
@@ -285,19 +325,31 @@ def save_tensors(
     with open(tmp, "rb+") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
-def load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    """Weights from a safetensors checkpoint (no pickle), verified against its checksum."""
+def load_checkpoint(path: Path, with_metadata: bool = False) -> Any:
+    """Weights from a safetensors checkpoint (no pickle), verified against its checksum;
+    with `with_metadata`, (weights, metadata)."""
     try:
         with safe_open(str(path), framework="pt") as fh:
-            expected = (fh.metadata() or {}).get("sha256")
+            metadata = dict(fh.metadata() or {})
         tensors = load_file(str(path))
     except Exception as err:  # safetensors raises its own error types for bad headers
         raise CheckpointError(f"checkpoint {path} is unreadable ({err})") from None
+    expected = metadata.get("sha256")
     if expected is not None and _tensors_digest(tensors) != expected:
         raise CheckpointError(f"checkpoint {path} does not match its checksum (corrupt)")
-    return tensors
+    return (tensors, metadata) if with_metadata else tensors
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable (a power loss cannot undo it)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class RunDir:
@@ -314,9 +366,10 @@ class RunDir:
             stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
             out = Path(cfg.run.out_dir) / f"{cfg.run.name}-{stamp}"
         run = cls(Path(out).resolve())
-        if (run.path / "privacy_report.json").exists():
+        if any((run.path / name).exists() for name in ("manifest.json", "privacy_report.json")):
             raise FileExistsError(
-                f"{run.path} already holds a run; choose another --out or delete it"
+                f"{run.path} already holds a run; continue it with --resume, choose another "
+                "--out, or delete it"
             )
         run.path.mkdir(parents=True, exist_ok=True)
         write_atomic(run.path / "config.yaml", cfg.to_yaml())
@@ -366,7 +419,7 @@ class RunDir:
         """The global weights after `server_round`, or the latest intact checkpoint. A
         checkpoint that fails its checksum is reported and, without a round asked for,
         passed over for the one before it."""
-        found = sorted(self.checkpoints.glob("round_*.safetensors"))
+        found = sorted(self.checkpoints.glob("round_*.safetensors"), key=_round_of)
         if server_round is not None:
             found = [p for p in found if int(p.stem.split("_")[1]) == server_round]
         if not found:
@@ -398,7 +451,7 @@ class RunDir:
         """The last round whose checkpoint and server state are both intact: (round,
         weights, server state, strategy tensors). Damaged files are reported and the
         round before is used."""
-        states = sorted(self.checkpoints.glob("server_*.json"), reverse=True)
+        states = sorted(self.checkpoints.glob("server_*.json"), key=_round_of, reverse=True)
         if not states:
             raise FileNotFoundError(
                 f"{self.path} has no completed round to resume from (no checkpoints/server_*.json)"
@@ -425,12 +478,23 @@ class RunDir:
             return server_round, weights, state, strategy
         raise CheckpointError(f"no intact round to resume from in {self.checkpoints}")
 
+    def saved_privacy_clients(self) -> dict[str, Any]:
+        try:
+            return dict(json.loads((self.path / "privacy_report.json").read_text())["clients"])
+        except (OSError, ValueError, KeyError):
+            return {}
+
     def truncate_metrics(self, last_round: int) -> None:
         """Drop metrics lines of rounds after `last_round` (a round cut short by a crash)."""
         path = self.path / "metrics.jsonl"
         if path.is_file():
-            lines = [x for x in path.read_text().splitlines() if x.strip()]
-            keep = [x for x in lines if json.loads(x)["round"] <= last_round]
+            keep = []
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line)["round"] <= last_round:
+                        keep.append(line)
+                except (ValueError, KeyError, TypeError):
+                    continue  # a line cut short by the crash
             write_atomic(path, "".join(x + "\n" for x in keep))
 
     def write_privacy_report(self, ledger: PrivacyLedger) -> None:

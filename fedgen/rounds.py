@@ -243,8 +243,11 @@ class RoundRecorder:
             "random_state": _plain(random.getstate()),
         }
 
-    def restore(self, state: dict[str, Any]) -> None:
-        self.ledger.restore(state["ledger"])
+    def restore(self, state: dict[str, Any], reported: dict[str, Any] | None = None) -> None:
+        """Continue from a saved server state. `reported`: the clients of the privacy report
+        on disk, which may already hold the round the crash cut short: a client that
+        trained then keeps that longer history even if it never answers again."""
+        self.ledger.restore(state["ledger"], reported or {})
         self._quality = list(state["quality"])
         random.setstate(_tuple(state["random_state"]))
 

@@ -44,7 +44,9 @@ def check_update(
         new = received[key]
         if new.shape != ref.shape:
             return f"{key}: shape {tuple(new.shape)}, expected {tuple(ref.shape)}"
-        if new.dtype != ref.dtype and not (new.is_floating_point() and ref.is_floating_point()):
+        # float32 back for float64 sent is fine (server optimisers compute in float64);
+        # anything else, float16 included, would change the aggregate's precision.
+        if new.dtype != ref.dtype and not (new.dtype == torch.float32 and ref.is_floating_point()):
             return f"{key}: dtype {new.dtype}, expected {ref.dtype}"
         if not new.is_floating_point():
             continue

@@ -44,7 +44,7 @@ def run_federation(grid: Grid, cfg: FedgenConfig, run_dir: RunDir, resume: bool 
     strategy_tensors: dict = {}
     if resume:
         last, weights, state, strategy_tensors = run_dir.resume_point()
-        recorder.restore(state)
+        recorder.restore(state, run_dir.saved_privacy_clients())
         run_dir.truncate_metrics(last)
         first_round = last + 1
         print(f"[fedgen] resuming {run_dir.path} after round {last}", flush=True)
@@ -94,8 +94,13 @@ def make_server_app(
             run_cfg, out = config_from_run_config(run_config)
             resume_dir = str(run_config.get("resume", "") or "")
             if resume_dir:
-                run = RunDir(resume_dir)
-                run_cfg = resumable_config(run.path, run_cfg if _overrides(run_config) else None)
+                run = RunDir(Path(resume_dir).resolve())
+                requested = None
+                if _overrides(run_config):
+                    # Overrides alone apply to the run's own config, not the quickstart.
+                    own = str(run_config.get("config", "") or "") or str(run.path / "config.yaml")
+                    requested, _ = config_from_run_config({**run_config, "config": own})
+                run_cfg = resumable_config(run.path, requested)
                 write_atomic(run.path / "config.yaml", run_cfg.to_yaml())
                 resuming = True
             else:

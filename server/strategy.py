@@ -7,6 +7,7 @@ reports to `fedgen.rounds.RoundRecorder` after every round."""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -113,12 +114,17 @@ def split_replies(
         answered.add(src)
         if reply.has_error():
             failures.append(f"{_node_name(src, names)}: {reply.error.reason}")
-        elif "declined" in reply.content:
-            declined.append(declined_report(reply))
-            names[src] = declined[-1]["client_id"]
-        else:
-            updates.append(reply)
+            continue
+        try:
+            if "declined" in reply.content:
+                declined.append(declined_report(reply))
+                names[src] = declined[-1]["client_id"]
+                continue
             names[src] = str(reply.content["privacy"]["client-id"])
+        except Exception as err:  # a hostile or broken client must not stop the server
+            failures.append(f"{_node_name(src, names)}: malformed reply ({err!r})")
+            continue
+        updates.append(reply)
     # Errors the SuperLink made (node unavailable) do not name the node; the nodes that
     # were sampled and did not answer themselves are the ones they are about.
     silent = [n for n in sampled if n not in answered]
@@ -126,6 +132,25 @@ def split_replies(
         reason = link_errors[i] if i < len(link_errors) else f"no reply within {timeout:g}s"
         failures.append(f"{_node_name(node, names)}: {reason}")
     return updates, declined, failures
+
+
+EXPECTED_RECORDS = {"arrays": ArrayRecord, "metrics": MetricRecord, "privacy": ConfigRecord}
+
+
+def _malformed(reply: Message, report: dict[str, Any]) -> str | None:
+    """Why a reply is not a well-formed update (records, weight, metrics), or None."""
+    content = reply.content
+    if set(content) != set(EXPECTED_RECORDS) or any(
+        not isinstance(content[k], t) for k, t in EXPECTED_RECORDS.items()
+    ):
+        return f"records {sorted(content)}, expected {sorted(EXPECTED_RECORDS)}"
+    n = report["metrics"].get("num-examples")
+    if not isinstance(n, int | float) or not math.isfinite(n) or n < 1 or n != int(n):
+        return f"num-examples {n!r} is not a positive whole number"
+    for key, value in report["metrics"].items():
+        if not isinstance(value, int | float) or not math.isfinite(value):
+            return f"metric {key} = {value!r} is not a finite number"
+    return None
 
 
 def _node_name(node_id: int, names: dict[int, str]) -> str:
@@ -204,16 +229,21 @@ def build_strategy(cfg: FedgenConfig, recorder: RoundRecorder, first_round: int 
             updates, declined, failures = split_replies(
                 replies, self._sampled, self._names, fed.round_timeout
             )
-            updates, rejected = self._screen(server_round, updates, failures)
-            if len(updates) < fed.min_replies:
-                # Record who did not train before stopping, so the report says why.
-                recorder.record(server_round, None, [], failures, declined)
+            kept, rejected = self._screen(server_round, updates, failures)
+            # Every client that trained spent privacy, whatever happens to the round next.
+            reports = [*(report for _, report in kept), *rejected]
+            if len(kept) < fed.min_replies:
+                recorder.record(server_round, None, reports, failures, declined)
                 raise RuntimeError(
-                    f"round {server_round}: {len(updates)} client update(s), fewer than "
+                    f"round {server_round}: {len(kept)} client update(s), fewer than "
                     f"federation.min_replies={fed.min_replies}; "
                     f"declined: {[d['client_id'] for d in declined]}, failures: {failures}"
                 )
-            arrays, metrics = super().aggregate_train(server_round, updates)
+            try:
+                arrays, metrics = super().aggregate_train(server_round, [r for r, _ in kept])
+            except BaseException:
+                recorder.record(server_round, None, reports, failures, declined)
+                raise
             frozen = recorder.frozen_prefixes(server_round)
             if arrays is not None and frozen:
                 # Clients return frozen parts unchanged, but a server optimiser (FedAdam's
@@ -224,8 +254,7 @@ def build_strategy(cfg: FedgenConfig, recorder: RoundRecorder, first_round: int 
             line = recorder.record(
                 server_round,
                 _float32(arrays) if arrays is not None else None,
-                # A rejected client still spent privacy: its history is recorded.
-                [*(client_report(r) for r in updates), *rejected],
+                reports,
                 failures,
                 declined,
             )
@@ -238,31 +267,38 @@ def build_strategy(cfg: FedgenConfig, recorder: RoundRecorder, first_round: int 
 
         def _screen(
             self, server_round: int, updates: list[Message], failures: list[str]
-        ) -> tuple[list[Message], list[dict[str, Any]]]:
-            """Keep the updates that pass `fedgen.updates.check_update`; the others are
-            named in `failures` and returned as privacy-only reports."""
+        ) -> tuple[list[tuple[Message, dict[str, Any]]], list[dict[str, Any]]]:
+            """Keep the well-formed updates that pass `fedgen.updates.check_update`, with
+            their reports; the others are named in `failures`, and those whose privacy
+            record could be read are returned as privacy-only reports."""
             sent = self._sent.to_torch_state_dict()
             bound = max_weight_change(cfg, cfg.stage(server_round))
             kept, rejected = [], []
             for reply in updates:
-                try:
-                    received = reply.content["arrays"].to_torch_state_dict()
-                    reason = check_update(sent, received, bound)
-                except (KeyError, TypeError, ValueError) as err:
-                    reason = f"unreadable update ({err})"
-                if reason is None:
-                    kept.append(reply)
-                    continue
+                report = None
                 try:
                     report = client_report(reply)
-                except (KeyError, TypeError, ValueError):
-                    report = None  # nothing to account from a malformed reply
+                    reason = _malformed(reply, report) or check_update(
+                        sent, reply.content["arrays"].to_torch_state_dict(), bound
+                    )
+                except Exception as err:  # whatever a client sends, the server carries on
+                    reason = f"malformed reply ({err!r})"
+                if reason is None and report is not None:
+                    kept.append((reply, report))
+                    continue
                 failures.append(
                     f"{_node_name(reply.metadata.src_node_id, self._names)}: "
                     f"update rejected: {reason}"
                 )
                 if report is not None:
                     rejected.append({**report, "metrics": {}})
+            # Flower requires the same metric keys from every reply it aggregates.
+            if kept:
+                common = set.intersection(*(set(r.content["metrics"]) for r, _ in kept))
+                for r, _ in kept:
+                    r.content["metrics"] = MetricRecord(
+                        {k: v for k, v in r.content["metrics"].items() if k in common}
+                    )
             return kept, rejected
 
     RecordingStrategy.__name__ = f"Recording{base.__name__}"

@@ -83,7 +83,7 @@ def test_report_reads_a_device_ledger(tmp_path):
     from fedgen.rounds import ClientPrivacyState
 
     state = ClientPrivacyState(1.2, 0.1, 100, [(1.2, 0.1, 50)], {"gan": 50})
-    DeviceLedger(tmp_path, "run-7", "ef" * 32).write(
+    DeviceLedger(tmp_path, "run-7", "ef" * 32, "clinic-a").write(
         state, client_id="clinic-a", accountant="rdp", delta=1e-5, server_round=1, num_examples=90
     )
     proc = _fedgen("report", str(tmp_path))

@@ -100,7 +100,7 @@ def state(history):
 
 
 def test_ledger_round_trips_and_recomputes(tmp_path):
-    ledger = DeviceLedger(tmp_path, "run-1", "ab" * 32)
+    ledger = DeviceLedger(tmp_path, "run-1", "ab" * 32, "a")
     assert ledger.state() is None
     s = state([(1.1, 0.05, 100)])
     ledger.write(s, client_id="a", accountant="rdp", delta=1e-5, server_round=1, num_examples=40)
@@ -109,7 +109,7 @@ def test_ledger_round_trips_and_recomputes(tmp_path):
         s2, client_id="a", accountant="rdp", delta=1e-5, server_round=2, num_examples=40
     )
     # A fresh ledger object (a restarted SuperNode) reads the whole history back.
-    again = DeviceLedger(tmp_path, "run-1", "ab" * 32)
+    again = DeviceLedger(tmp_path, "run-1", "ab" * 32, "a")
     assert again.state() == s2
     assert content["rounds"] == [1, 2]
     on_disk = json.loads(again.path.read_text())
@@ -117,8 +117,8 @@ def test_ledger_round_trips_and_recomputes(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [again.path.name]  # no temp file left
 
 
-def test_ledger_is_per_run_and_per_data(tmp_path):
-    DeviceLedger(tmp_path, "run-1", "ab" * 32).write(
+def test_ledger_is_per_run_and_client_and_checks_the_data(tmp_path):
+    DeviceLedger(tmp_path, "run-1", "ab" * 32, "a").write(
         state([(1.1, 0.05, 100)]),
         client_id="a",
         accountant="rdp",
@@ -126,12 +126,15 @@ def test_ledger_is_per_run_and_per_data(tmp_path):
         server_round=1,
         num_examples=40,
     )
-    assert DeviceLedger(tmp_path, "run-2", "ab" * 32).state() is None
-    assert DeviceLedger(tmp_path, "run-1", "cd" * 32).state() is None
+    assert DeviceLedger(tmp_path, "run-2", "ab" * 32, "a").state() is None
+    assert DeviceLedger(tmp_path, "run-1", "ab" * 32, "b").state() is None
+    # The same client with different data: refused, never a fresh history.
+    with pytest.raises(LedgerError, match="different data"):
+        DeviceLedger(tmp_path, "run-1", "cd" * 32, "a").state()
 
 
 def test_unreadable_ledger_stops_training_instead_of_restarting_from_zero(tmp_path):
-    ledger = DeviceLedger(tmp_path, "run-1", "ab" * 32)
+    ledger = DeviceLedger(tmp_path, "run-1", "ab" * 32, "a")
     ledger.path.write_text('{"format": "fedgen-ledger-1", "hist')  # half a file
     with pytest.raises(LedgerError, match="cannot be read.*restart from zero"):
         ledger.state()
@@ -150,3 +153,57 @@ def test_fingerprint_changes_with_any_pixel():
     changed = glyphs.images.copy()
     changed[0, 0, 0] ^= 1
     assert data_fingerprint(glyphs) != data_fingerprint(type(glyphs)(changed, glyphs.labels, "x"))
+
+
+def test_server_report_never_lets_a_history_shrink():
+    from fedgen.reports import PrivacyLedger
+    from tests.helpers import small_config
+
+    report = PrivacyLedger(small_config())
+    base = {"client_id": "a", "num_examples": 10, "noise_multiplier": 1.0, "sample_rate": 0.1,
+            "planned_steps": 40}  # fmt: skip
+    report.record_round(1, [{**base, "history": [[1.0, 0.1, 20]]}])
+    # The client comes back with a history that starts again from zero (its ledger lost).
+    report.record_round(2, [{**base, "history": [[1.0, 0.1, 10]]}])
+    report.record_round(3, [{**base, "history": [[1.0, 0.1, 20]]}])
+    client = report.clients["a"]
+    assert client["steps"] == 40 and client["lost_history"] == [[1.0, 0.1, 20]]
+    assert client["epsilon"] == pytest.approx(
+        epsilon_of([(1.0, 0.1, 20), (1.0, 0.1, 20)], 1e-5, "rdp")
+    )
+
+
+def test_sixteen_bit_and_broken_png_files(tmp_path):
+    (tmp_path / "2").mkdir()
+    wide = (np.arange(28 * 28, dtype=np.uint16).reshape(28, 28) * 80).astype(np.uint16)
+    Image.fromarray(wide).save(tmp_path / "2" / "deep.png")  # a 16-bit grey PNG
+    good = tmp_path / "2" / "deep.png"
+    broken = tmp_path / "2" / "broken.png"
+    broken.write_bytes(good.read_bytes()[:60])  # header intact, data cut off
+    device = load_device_data(tmp_path)
+    assert len(device.data) == 1 and [s[0] for s in device.skipped] == [str(broken)]
+    img = device.data.images[0]
+    # Scaled by the 16-bit range (max 62640 of 65535 -> 244), not clipped at 255.
+    assert img.max() == 244 and (img == 255).mean() == 0 and img.min() == 0
+
+
+@pytest.mark.parametrize(
+    ("images", "labels", "message"),
+    [
+        (np.zeros((2, 28, 28)), np.zeros((2, 10), int), r"shape \(N,\)"),
+        (np.full((2, 28, 28), 300, np.int32), np.zeros(2, int), "pixel values span"),
+        (np.zeros((2, 28, 28, 2)), np.zeros(2, int), "2 channels"),
+    ],
+)
+def test_npz_shapes_and_ranges_are_checked(tmp_path, images, labels, message):
+    path = tmp_path / "bad.npz"
+    np.savez(path, images=images, labels=labels)
+    with pytest.raises(DataError, match=message):
+        load_device_data(path)
+
+
+def test_npz_floats_on_a_255_scale_are_kept(tmp_path):
+    glyphs = make_glyphs(1, seed=5)
+    path = tmp_path / "f.npz"
+    np.savez(path, images=glyphs.images.astype(np.float32), labels=glyphs.labels)
+    assert np.array_equal(load_device_data(path).data.images, glyphs.images)

@@ -136,3 +136,30 @@ def test_nan_and_scaled_updates_are_rejected_and_the_rest_aggregated(tmp_path, r
     assert line["clients"] == 5 and line["failures"] == 2  # privacy of all five recorded
     reasons = " ".join(line["failure_reasons"])
     assert "NaN or Inf" in reasons and "more than the" in reasons
+
+
+def test_malformed_replies_are_rejected_without_stopping_the_server(tmp_path, replies):
+    from flwr.app import ConfigRecord, MetricRecord
+
+    initial, msgs = replies
+    cfg = small_config("run.eval_every=100")
+    broken = []
+    for pid, damage in enumerate(["extra-record", "zero-examples", "no-privacy"]):
+        reply = client_train(_train_message(cfg, initial, 1), _context(cfg, pid))
+        if damage == "extra-record":
+            reply.content["smuggled"] = ConfigRecord({"x": 1})
+        elif damage == "zero-examples":
+            metrics = dict(reply.content["metrics"])
+            reply.content["metrics"] = MetricRecord({**metrics, "num-examples": 0})
+        else:
+            del reply.content["privacy"]
+        broken.append(reply)
+    run = RunDir.create(cfg, tmp_path / "run")
+    strat = build_strategy(cfg, RoundRecorder(cfg, run))
+    strat._sent = ArrayRecord(initial)
+    arrays, _ = strat.aggregate_train(1, [*msgs, *broken])
+    assert arrays is not None
+    line = json.loads((run.path / "metrics.jsonl").read_text())
+    assert line["failures"] == 3
+    reasons = " ".join(line["failure_reasons"])
+    assert "smuggled" in reasons and "num-examples 0" in reasons and "malformed" in reasons
