@@ -231,6 +231,14 @@ class TrainingConfig(_Section):
     lr_discriminator: float = Field(2e-4, gt=0.0, le=1.0, description="Adam lr of D.")
     lr_generator: float = Field(2e-4, gt=0.0, le=1.0, description="Adam lr of G.")
     beta1: float = Field(0.5, ge=0.0, lt=1.0, description="Adam beta1 of the GAN's networks.")
+    mode_seeking_weight: float = Field(
+        0.0,
+        ge=0.0,
+        le=100.0,
+        description="GAN: weight of the mode-seeking term in the generator's loss, which "
+        "rewards different images for different latents of one class (against collapse "
+        "within a class). It reads generated images only, so it costs no privacy. 0: off.",
+    )
     lr_vqvae: float = Field(1e-3, gt=0.0, le=1.0, description="Adam lr of the VQ-VAE.")
     lr_prior: float = Field(1e-3, gt=0.0, le=1.0, description="Adam lr of the code prior.")
 

@@ -11,7 +11,8 @@ Why this is private (sample level, per client):
   DCGAN example, which clips real and fake gradients together). The fake-image gradient
   is clipped per example at the same bound, for balance only (see _split_fake_rows).
 - The generator sees private data only through the discriminator's weights, so its
-  updates are post-processing too.
+  updates are post-processing too (the optional mode-seeking term reads generated images
+  only).
 - Metrics that leave the client are computed on generated data only (the loss on real
   images is not reported: it is an un-noised statistic of private data; neither are
   timings, which depend on the sampled batches).
@@ -45,6 +46,7 @@ __all__ = [
     "train_dp_locally",
     "discriminator_step",
     "generator_step",
+    "mode_seeking_penalty",
     "train_gan_locally",
 ]
 
@@ -257,6 +259,16 @@ def discriminator_step(
     return fake_loss
 
 
+def mode_seeking_penalty(images: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """The mode-seeking term of Mao et al. (2019): rows i and i + n/2 share a label; the
+    penalty is 1 / (mean image distance / mean latent distance), so it falls as different
+    latents give more different images. Reads generated images only."""
+    half = images.shape[0] // 2
+    image_gap = (images[:half] - images[half : 2 * half]).abs().flatten(1).mean(dim=1)
+    latent_gap = (z[:half] - z[half : 2 * half]).abs().mean(dim=1)
+    return 1.0 / ((image_gap / latent_gap).mean() + 1e-5)
+
+
 def generator_step(
     generator: nn.Module,
     disc: nn.Module,
@@ -264,8 +276,10 @@ def generator_step(
     batch_size: int,
     num_classes: int,
     extra_grads: ExtraGrads | None = None,
+    mode_seeking_weight: float = 0.0,
 ) -> float:
-    """One non-saturating generator update through the (frozen) discriminator."""
+    """One non-saturating generator update through the (frozen) discriminator, plus the
+    mode-seeking term when its weight is positive. Returns the adversarial loss."""
     device = next(generator.parameters()).device
     d_params = [p for p in disc.parameters() if p.requires_grad]
     for p in d_params:
@@ -273,10 +287,17 @@ def generator_step(
     try:
         optimizer.zero_grad(set_to_none=True)
         labels = torch.randint(0, num_classes, (batch_size,), device=device)
+        if mode_seeking_weight > 0 and batch_size >= 2:
+            half = batch_size // 2  # pairs of latents under one label
+            labels[half : 2 * half] = labels[:half]
         z = torch.randn(batch_size, generator.latent_dim, device=device)
         with _hooks_off(disc):
-            loss = _bce(disc(generator(z, labels), labels), 1.0)
-            loss.backward()
+            fake = generator(z, labels)
+            loss = _bce(disc(fake, labels), 1.0)
+            total = loss
+            if mode_seeking_weight > 0 and batch_size >= 2:
+                total = loss + mode_seeking_weight * mode_seeking_penalty(fake, z)
+            total.backward()
         if extra_grads is not None:
             g_params = [p for p in generator.parameters() if p.requires_grad]
             for p, g in zip(g_params, extra_grads(g_params), strict=True):
@@ -355,7 +376,13 @@ def train_gan_locally(
             if (step + 1) % training.d_steps_per_g_step == 0:
                 g_losses.append(
                     generator_step(
-                        gen, d_module, g_opt, training.batch_size, model.num_classes, prox
+                        gen,
+                        d_module,
+                        g_opt,
+                        training.batch_size,
+                        model.num_classes,
+                        prox,
+                        training.mode_seeking_weight,
                     )
                 )
     finally:
