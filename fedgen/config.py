@@ -161,7 +161,8 @@ class FederationConfig(_Section):
         0,
         ge=0,
         description="Krum/MultiKrum: how many hostile clients to tolerate per round (needs "
-        "min_train_clients > 2 x this + 2).",
+        "min_train_clients > 2 x this + 2; a round with fewer valid updates than 2 x this + 3 "
+        "stops the run with an error rather than aggregate without that tolerance).",
     )
     client_cpus: float = Field(1.0, gt=0.0, description="CPU cores reserved per simulated client.")
     client_gpus: float = Field(

@@ -207,6 +207,16 @@ def build_strategy(cfg: FedgenConfig, recorder: RoundRecorder, first_round: int 
     elif fed.strategy in ("krum", "multikrum"):
         kwargs["num_malicious_nodes"] = fed.malicious_clients
 
+    needed, why = fed.min_replies, f"federation.min_replies={fed.min_replies}"
+    if fed.strategy in ("krum", "multikrum") and needed < 2 * fed.malicious_clients + 3:
+        # Flower's Krum scores with whatever it gets; below 2f+3 updates its tolerance of
+        # f hostile clients no longer holds, so such a round must not pass as robust.
+        needed = 2 * fed.malicious_clients + 3
+        why = (
+            f"the {needed} that {fed.strategy} needs to tolerate "
+            f"federation.malicious_clients={fed.malicious_clients}"
+        )
+
     class RecordingStrategy(base):  # type: ignore[valid-type, misc]
         _sampled: list[int] = []  # nodes sent a message this round (set by configure_train)
         _names: dict[int, str] = {}  # node id -> client id, learned from replies
@@ -232,11 +242,10 @@ def build_strategy(cfg: FedgenConfig, recorder: RoundRecorder, first_round: int 
             kept, rejected = self._screen(server_round, updates, failures)
             # Every client that trained spent privacy, whatever happens to the round next.
             reports = [*(report for _, report in kept), *rejected]
-            if len(kept) < fed.min_replies:
+            if len(kept) < needed:
                 recorder.record(server_round, None, reports, failures, declined)
                 raise RuntimeError(
-                    f"round {server_round}: {len(kept)} client update(s), fewer than "
-                    f"federation.min_replies={fed.min_replies}; "
+                    f"round {server_round}: {len(kept)} client update(s), fewer than {why}; "
                     f"declined: {[d['client_id'] for d in declined]}, failures: {failures}"
                 )
             try:

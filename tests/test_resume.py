@@ -135,3 +135,16 @@ def test_no_file_is_half_written(resumed):
         assert run.checkpoint(server_round)[0] == server_round  # checksums verify
     leftovers = [p for p in out.rglob("*") if p.name.startswith(".") or p.suffix == ".tmp"]
     assert leftovers == []
+
+
+def test_resuming_a_finished_run_changes_nothing(resumed):
+    out, _, _ = resumed
+    report = (out / "privacy_report.json").read_text()
+    again = subprocess.run(
+        _simulate("--resume", str(out)), cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"has finished all {ROUNDS} rounds" in again.stdout
+    assert "resuming" not in again.stdout  # no federation was started
+    assert (out / "privacy_report.json").read_text() == report
+    assert _metrics_rounds(out) == [1, 2, 3]

@@ -163,3 +163,19 @@ def test_malformed_replies_are_rejected_without_stopping_the_server(tmp_path, re
     assert line["failures"] == 3
     reasons = " ".join(line["failure_reasons"])
     assert "smuggled" in reasons and "num-examples 0" in reasons and "malformed" in reasons
+
+
+def test_krum_refuses_a_round_too_small_for_its_tolerance(tmp_path, replies):
+    initial, msgs = replies
+    # f = 0 hostile clients: Krum's guarantee needs 2f + 3 = 3 updates; only 2 arrive.
+    cfg = small_config(
+        "federation.strategy=krum", "federation.min_train_clients=3", "run.eval_every=100"
+    )
+    run = RunDir.create(cfg, tmp_path / "run")
+    strat = build_strategy(cfg, RoundRecorder(cfg, run))
+    strat._sent = ArrayRecord(initial)
+    with pytest.raises(RuntimeError, match="fewer than the 3 that krum needs"):
+        strat.aggregate_train(1, msgs[:2])
+    # The two clients that trained still have their spending on record.
+    report = json.loads((run.path / "privacy_report.json").read_text())
+    assert set(report["clients"]) == {"0", "1"}
