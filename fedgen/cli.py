@@ -70,11 +70,8 @@ def _simulate(args: argparse.Namespace) -> int:
     # depend on Flower, only this command does.
     from server.simulation import simulate
 
-    if args.resume and run_dir.resume_point()[0] >= cfg.total_rounds:
-        # Nothing left to train: say so without starting Ray (tens of seconds for nothing).
-        print(f"[fedgen] {run_dir.path} has finished all {cfg.total_rounds} rounds")
-        run_dir.finish(cfg, status="completed")
-    else:
+    # A finished run has nothing left to train: say so without starting Ray.
+    if not (args.resume and run_dir.finish_if_done(cfg, run_dir.resume_point()[0])):
         simulate(cfg, run_dir, resume=bool(args.resume))
     report = load_privacy_report(run_dir.path)
     print()

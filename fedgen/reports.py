@@ -405,6 +405,14 @@ class RunDir:
     def finish(self, cfg: FedgenConfig, status: str = "completed") -> None:
         self.write_manifest(cfg, end_time=_now(), status=status)
 
+    def finish_if_done(self, cfg: FedgenConfig, last_round: int) -> bool:
+        """Mark the run completed, and say so, when `last_round` was its last."""
+        if last_round < cfg.total_rounds:
+            return False
+        print(f"[fedgen] {self.path} has finished all {cfg.total_rounds} rounds", flush=True)
+        self.finish(cfg, status="completed")
+        return True
+
     # --- per round ----------------------------------------------------------------
     def append_metrics(self, record: dict[str, Any]) -> None:
         with open(self.path / "metrics.jsonl", "a") as fh:

@@ -287,7 +287,8 @@ def generator_step(
     try:
         optimizer.zero_grad(set_to_none=True)
         labels = torch.randint(0, num_classes, (batch_size,), device=device)
-        if mode_seeking_weight > 0 and batch_size >= 2:
+        seek_modes = mode_seeking_weight > 0 and batch_size >= 2
+        if seek_modes:
             half = batch_size // 2  # pairs of latents under one label
             labels[half : 2 * half] = labels[:half]
         z = torch.randn(batch_size, generator.latent_dim, device=device)
@@ -295,7 +296,7 @@ def generator_step(
             fake = generator(z, labels)
             loss = _bce(disc(fake, labels), 1.0)
             total = loss
-            if mode_seeking_weight > 0 and batch_size >= 2:
+            if seek_modes:
                 total = loss + mode_seeking_weight * mode_seeking_penalty(fake, z)
             total.backward()
         if extra_grads is not None:

@@ -51,9 +51,7 @@ def run_federation(grid: Grid, cfg: FedgenConfig, run_dir: RunDir, resume: bool 
     strategy = build_strategy(cfg, recorder, first_round)
     restore_strategy_state(strategy, strategy_tensors)
     run_dir.write_manifest(cfg)
-    if first_round > cfg.total_rounds:
-        print(f"[fedgen] {run_dir.path} has finished all {cfg.total_rounds} rounds", flush=True)
-        run_dir.finish(cfg, status="completed")
+    if run_dir.finish_if_done(cfg, first_round - 1):
         return
     train_config = {
         "fedgen-config": cfg.to_json(),
