@@ -102,24 +102,12 @@ def _is_ledger_dir(path: Path) -> bool:
 
 
 def _report_ledgers(path: Path) -> int:
-    """A device's own view: what each run has spent of its data's privacy."""
-    from fedgen.ledger import LEDGER_FORMAT
-    from fedgen.privacy import epsilon_of
+    """A device's own view: what each run, and all of them together, spent."""
+    from fedgen.ledger import format_ledger
 
     files = [path] if path.is_file() else sorted(path.glob("*.json"))
     for file in files:
-        content = json.loads(file.read_text())
-        if content.get("format") != LEDGER_FORMAT:
-            raise ValueError(f"{file} is not a fedgen privacy ledger")
-        # Recomputed here from the history, not read from the stored figure.
-        eps = epsilon_of(content["history"], content["delta"], content["accountant"])
-        print(
-            f"{file.name}: client {content['client_id']}  run {content['run_id']}  "
-            f"epsilon {eps:.4f} (delta {content['delta']:g}, {content['accountant']})  "
-            f"noise {content['noise_multiplier']:.4f}  sample rate {content['sample_rate']:.5f}  "
-            f"steps {sum(h[2] for h in content['history'])}/{content['planned_steps']}  "
-            f"rounds {content['rounds']}  updated {content['updated']}"
-        )
+        print(format_ledger(file))
     return 0
 
 

@@ -194,6 +194,25 @@ class ModelConfig(_Section):
     groups: int = Field(
         8, ge=1, description="GroupNorm groups (must divide both widths' larger layers)."
     )
+    discriminator: Literal["conv", "scatter"] = Field(
+        "conv",
+        description="GAN discriminator. `conv`: two trainable strided convolutions, the label "
+        "as an input plane. `scatter`: fixed (untrained, so privacy-free) oriented wavelet "
+        "features, as in Tramer and Boneh's ScatterNet, under a small trainable head with a "
+        "projection on the label: far fewer DP-trained parameters, cheap per-example "
+        "gradients.",
+    )
+    discriminator_head: Literal["mlp", "cnn"] = Field(
+        "mlp",
+        description="`scatter` only: the trainable head on the 7x7 feature maps, fully "
+        "connected (`mlp`) or a small 3x3 convolution stack (`cnn`).",
+    )
+    discriminator_hidden: int = Field(
+        64,
+        ge=4,
+        le=4096,
+        description="`scatter` only: width of the trainable head (units, or channels).",
+    )
     vq_channels: int = Field(
         32, ge=4, le=1024, description="VQ-VAE encoder/decoder width (channels at 14x14)."
     )
@@ -259,12 +278,46 @@ class PrivacyConfig(_Section):
         description="Fix the noise instead of calibrating it to target_epsilon (unset: calibrate).",
     )
     max_grad_norm: float = Field(1.0, gt=0.0, description="Per-example clipping bound C.")
-    accountant: Literal["rdp", "prv"] = Field("rdp", description="Opacus accountant.")
+    accountant: Literal["rdp", "pld"] = Field(
+        "pld",
+        description="dp-accounting accountant: `pld` (privacy loss distributions, tight; "
+        "both relations) or `rdp` (Renyi DP; add_remove only).",
+    )
+    neighboring: Literal["replace_one", "add_remove"] = Field(
+        "replace_one",
+        description="Neighbouring relation of the guarantee. `replace_one`: datasets that "
+        "differ in one example's content; a client's n is public (it weights aggregation). "
+        "`add_remove`: one example more or less; n stays private, so the sample rate and the "
+        "aggregation weight come from `public_num_examples`. See docs/PRIVACY.md.",
+    )
+    public_num_examples: int | None = Field(
+        None,
+        ge=1,
+        description="add_remove only: the dataset size every client declares public; the "
+        "sample rate is batch_size / this and each reply's weight is this, never the real n.",
+    )
     reproducible_noise: bool = Field(
         False,
-        description="Seed DP noise and Poisson sampling from `seed` (tests, research). The "
-        "server knows the seed, so this voids the guarantee against it; off: OS entropy.",
+        description="Seed DP noise and Poisson sampling from `seed` (simulation research "
+        "only). The server knows the seed, so this voids the guarantee against it; devices "
+        "refuse it. Off: a ChaCha20 stream keyed from OS entropy.",
     )
+
+    @model_validator(mode="after")
+    def _relation(self) -> PrivacyConfig:
+        if self.neighboring == "replace_one" and self.accountant != "pld":
+            raise ValueError(
+                "privacy.accountant=rdp cannot account for Poisson sampling under "
+                "privacy.neighboring=replace_one; use accountant pld, or neighboring add_remove"
+            )
+        if self.neighboring == "add_remove" and self.public_num_examples is None:
+            raise ValueError(
+                "privacy.neighboring=add_remove needs privacy.public_num_examples: under "
+                "add/remove a client's real n may not leave it, so the sample rate and "
+                "aggregation weight use a size declared public; set it (e.g. the smallest "
+                "client's size), or use neighboring replace_one"
+            )
+        return self
 
 
 class FedgenConfig(_Section):

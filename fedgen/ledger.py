@@ -1,17 +1,23 @@
-"""A device's own privacy ledger: its accountant history for one run, on its own disk.
+"""A device's own privacy ledger: every run it trained in, on its own disk.
 
-In deployment a SuperNode can restart mid-run and lose everything in memory; the ledger
-is what makes its epsilon keep growing from where it was instead of from zero. It is
-written after every round, before the reply leaves the device (so no released update is
-ever unaccounted), atomically (write, fsync, rename), as plain JSON, keyed by the run and
-a fingerprint of the device's data."""
+One file per device (named by its client id) holds each run's accountant history, and
+their composition is the device's lifetime history: a new run id adds a run, it never
+starts a fresh ledger. The ledger is written after every round, before the reply leaves the
+device (so no released update is ever unaccounted), atomically (write, fsync, rename), as
+plain JSON. A file lock held for read, train and write makes rounds on one device strictly
+one at a time, so two overlapping messages can never both train on one reading of it.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
+import secrets
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,13 +25,13 @@ from typing import Any
 
 import torch
 
-from fedgen.privacy import HistoryEntry, epsilon_of
+from fedgen.privacy import HistoryEntry, epsilon_of, recompute_recipe
 from fedgen.reports import CheckpointError, fsync_dir, load_checkpoint, save_tensors
 from fedgen.rounds import ClientPrivacyState
 
-__all__ = ["LedgerError", "DeviceLedger", "default_ledger_dir", "epsilon_after"]
+__all__ = ["LedgerError", "DeviceLedger", "default_ledger_dir", "device_id", "format_ledger"]
 
-LEDGER_FORMAT = "fedgen-ledger-1"
+LEDGER_FORMAT = "fedgen-device-ledger-2"
 
 
 class LedgerError(RuntimeError):
@@ -36,108 +42,161 @@ def default_ledger_dir() -> Path:
     return Path(os.environ.get("FEDGEN_LEDGER_DIR", Path.home() / ".fedgen" / "ledgers"))
 
 
-def epsilon_after(state: ClientPrivacyState, steps: int, delta: float, accountant: str) -> float:
-    """Epsilon the device would have spent after `steps` more steps at its noise."""
-    entry: HistoryEntry = (state.noise_multiplier, state.sample_rate, steps)
-    return epsilon_of([*state.history, entry], delta, accountant)
+def device_id(folder: Path) -> str:
+    """A random name for a device that set no client-name, kept in its ledger folder. It
+    says nothing about the data (a hash of the data would let a server test guesses)."""
+    path = folder / "device-id"
+    if not path.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError), open(path, "x") as fh:
+            fh.write(f"device-{secrets.token_hex(4)}\n")
+    return path.read_text().strip()
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:64]
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 @dataclass
 class DeviceLedger:
     folder: Path
-    run_id: str
-    data_fingerprint: str
     client_id: str
 
     @property
     def path(self) -> Path:
-        # Named by run and client, not by the data: a device whose data changed finds its
-        # ledger and is refused, instead of starting a fresh history under a new name.
-        run = re.sub(r"[^A-Za-z0-9_.-]", "_", self.run_id)[:64]
-        client = re.sub(r"[^A-Za-z0-9_.-]", "_", self.client_id)[:64]
-        return self.folder / f"{run}-{client}.json"
+        return self.folder / f"{_safe(self.client_id)}.json"
 
-    def read(self) -> dict[str, Any] | None:
-        """The ledger's content, or None when this run has not trained on this data yet."""
+    @property
+    def reply_path(self) -> Path:
+        return self.folder / f"{_safe(self.client_id)}.reply.safetensors"
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the device's lock: one round (read, train, write) at a time; a second
+        message waits here until the first has written its ledger."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.folder / f"{_safe(self.client_id)}.lock", "a") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+    def read(self) -> dict[str, Any]:
+        """The ledger's content (an empty ledger when this device never trained)."""
         path = self.path
         if not path.exists():
-            return None
+            return {"format": LEDGER_FORMAT, "client_id": self.client_id, "runs": {}}
         try:
             content = json.loads(path.read_text())
         except (OSError, ValueError) as err:
             raise LedgerError(
                 f"privacy ledger {path} cannot be read ({err}); this device will not train "
                 "without it, since its epsilon would restart from zero. Restore it from a "
-                "backup, or start a new run"
+                "backup"
             ) from None
-        if content.get("format") != LEDGER_FORMAT or content.get("run_id") != self.run_id:
-            raise LedgerError(f"{path} is not this run's ledger (format or run id differ)")
-        if content.get("data_fingerprint") != self.data_fingerprint:
-            raise LedgerError(
-                f"{path} accounts for different data than this client holds now (its data "
-                "changed mid-run); restore the data, or start a new run"
-            )
+        if content.get("format") != LEDGER_FORMAT or not isinstance(content.get("runs"), dict):
+            raise LedgerError(f"{path} is not a fedgen device ledger ({LEDGER_FORMAT})")
         return content
 
-    @property
-    def reply_path(self) -> Path:
-        return self.path.with_suffix(".reply.safetensors")
+    def run(self, run_id: str, data_fingerprint: str | None = None) -> dict[str, Any] | None:
+        """One run's record, or None. With `data_fingerprint`, refuse a run whose data
+        changed mid-run (its plan and history were made for other data)."""
+        run = self.read()["runs"].get(run_id)
+        if (
+            run is not None
+            and data_fingerprint is not None
+            and run["data_fingerprint"] != data_fingerprint
+        ):
+            raise LedgerError(
+                f"{self.path}: run {run_id} accounts for different data than this device "
+                "holds now (its data changed mid-run); restore the data, or start a new run"
+            )
+        return run
+
+    def other_runs_history(self, run_id: str) -> list[HistoryEntry]:
+        """The histories of every other run, in the order they started."""
+        runs = self.read()["runs"]
+        ordered = sorted((r["started"], rid) for rid, r in runs.items() if rid != run_id)
+        return [
+            (float(s), float(q), int(n)) for _, rid in ordered for s, q, n in runs[rid]["history"]
+        ]
+
+    def lifetime_history(self) -> list[HistoryEntry]:
+        return self.other_runs_history("")
 
     def cached_reply(
-        self, server_round: int
+        self, run_id: str, server_round: int
     ) -> tuple[dict[str, torch.Tensor], dict[str, float]] | None:
-        """The update this client sent for `server_round`, if that was its last round."""
-        content = self.read()
-        last = (content or {}).get("last_reply")
-        if not last or int(last["round"]) != server_round:
+        """The update this device sent for `server_round` of `run_id`, if that was its last."""
+        last = self.read().get("last_reply")
+        if not last or last["run_id"] != run_id or int(last["round"]) != server_round:
             return None
         try:
             weights, metadata = load_checkpoint(self.reply_path, with_metadata=True)
         except CheckpointError:
             return None  # lost: the round is trained again and counted again (never less)
-        if metadata.get("round") != str(server_round):
+        if metadata.get("round") != str(server_round) or metadata.get("run_id") != run_id:
             return None  # a reply file newer than the ledger (crash between the two writes)
         return weights, {str(k): float(v) for k, v in last["metrics"].items()}
 
-    def state(self) -> ClientPrivacyState | None:
-        content = self.read()
-        return None if content is None else ClientPrivacyState.from_plain(content)
-
-    def write(
+    def write_round(
         self,
+        run_id: str,
         state: ClientPrivacyState,
         *,
-        client_id: str,
-        accountant: str,
-        delta: float,
-        server_round: int,
+        data_fingerprint: str,
         num_examples: int,
-        reply: tuple[dict[str, torch.Tensor], dict[str, float]] | None = None,
+        policy: dict[str, Any],
+        epsilon: float,
+        lifetime_epsilon: float,
+        server_round: int,
+        reply: tuple[dict[str, torch.Tensor], dict[str, float]],
     ) -> dict[str, Any]:
-        """Record the state after `server_round`; `reply` (weights, metrics) is kept so a
-        restarted client asked for the same round sends it again instead of retraining."""
-        previous = self.read() or {}
-        last_reply = None
-        if reply is not None:
-            save_tensors(self.reply_path, reply[0], {"round": str(server_round)})
-            last_reply = {"round": server_round, "metrics": reply[1]}
-        rounds = sorted({*previous.get("rounds", []), server_round})
-        content = {
-            "format": LEDGER_FORMAT,
-            "run_id": self.run_id,
-            "data_fingerprint": self.data_fingerprint,
-            "client_id": client_id,
-            "num_examples": num_examples,
-            "accountant": accountant,
-            "delta": delta,
-            "epsilon": epsilon_of(state.history, delta, accountant),
-            "rounds": rounds,
+        """Record `run_id`'s state after `server_round`; the reply (weights, metrics) is
+        kept so a restarted device asked for the same round sends it again instead of
+        training again."""
+        content = self.read()
+        before = content["runs"].get(run_id, {})
+        save_tensors(self.reply_path, reply[0], {"round": str(server_round), "run_id": run_id})
+        content["runs"][run_id] = {
+            **before,
+            "started": before.get("started", _now()),
+            "updated": _now(),
+            "data_fingerprint": data_fingerprint,
+            "num_examples": num_examples,  # stays on the device
+            "rounds": sorted({*before.get("rounds", []), server_round}),
+            "closed": False,
+            "epsilon": epsilon,
             **state.to_plain(),
-            "last_reply": last_reply,
-            "updated": datetime.now(UTC).isoformat(timespec="seconds"),
-            "recompute": "opacus.accountants.create_accountant(accountant); acc.history = "
-            "[tuple(h) for h in history]; acc.get_epsilon(delta)",
         }
+        content["last_reply"] = {"run_id": run_id, "round": server_round, "metrics": reply[1]}
+        content["lifetime"] = {"epsilon": lifetime_epsilon, "policy": policy}
+        return self._write(content)
+
+    def close_run(self, run_id: str) -> dict[str, Any] | None:
+        """Mark `run_id` finished on this device (no later message trains for it) and
+        return its record."""
+        content = self.read()
+        run = content["runs"].get(run_id)
+        if run is None:
+            return None
+        if not run.get("closed"):
+            run["closed"] = True
+            run["updated"] = _now()
+            self._write(content)
+        return run
+
+    def _write(self, content: dict[str, Any]) -> dict[str, Any]:
+        content["format"] = LEDGER_FORMAT
+        content["client_id"] = self.client_id
+        policy = content.get("lifetime", {}).get("policy", {})
+        if policy:
+            content["recompute"] = recompute_recipe(policy["accountant"], policy["neighboring"])
         self.folder.mkdir(parents=True, exist_ok=True)
         # Write, flush to disk, then rename over the old file: a crash at any point leaves
         # either the old ledger or the new one, never a half-written file.
@@ -153,3 +212,41 @@ class DeviceLedger:
             Path(tmp).unlink(missing_ok=True)
             raise
         return content
+
+
+def format_ledger(path: Path) -> str:
+    """A device ledger as text: each run's epsilon and the lifetime epsilon, recomputed
+    here from the histories (not read from the stored figures)."""
+    try:
+        content = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path} cannot be read as a fedgen device ledger: {err}") from None
+    if content.get("format") != LEDGER_FORMAT:
+        raise ValueError(f"{path} is not a fedgen device ledger ({LEDGER_FORMAT})")
+    policy = content.get("lifetime", {}).get("policy")
+    if not policy:
+        return f"{Path(path).name}: client {content['client_id']}: no run has trained yet"
+
+    def eps(history: list[Any]) -> float:
+        return epsilon_of(history, policy["delta"], policy["accountant"], policy["neighboring"])
+
+    runs = sorted(content["runs"].items(), key=lambda kv: kv[1]["started"])
+    lines = [
+        f"{Path(path).name}: client {content['client_id']}  ({policy['neighboring']}, "
+        f"{policy['accountant']}, delta {policy['delta']:g})"
+    ]
+    lifetime: list[Any] = []
+    for run_id, run in runs:
+        lifetime += run["history"]
+        lines.append(
+            f"  run {run_id}: epsilon {eps(run['history']):.4f}  noise "
+            f"{run['noise_multiplier']:.4f}  sample rate {run['sample_rate']:.6g}  steps "
+            f"{sum(h[2] for h in run['history'])}/{run['planned_steps']}  rounds {run['rounds']}"
+            f"{'  closed' if run.get('closed') else ''}  updated {run['updated']}"
+        )
+    cap = policy.get("lifetime_max_epsilon")
+    lines.append(
+        f"  lifetime: epsilon {eps(lifetime):.4f} over {len(runs)} run(s)"
+        + (f" of at most {cap:g}" if cap is not None else "")
+    )
+    return "\n".join(lines)

@@ -7,7 +7,10 @@ in-place activations (they break Opacus's backward hooks).
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fedgen.config import ModelConfig
@@ -15,8 +18,11 @@ from fedgen.config import ModelConfig
 __all__ = [
     "Generator",
     "Discriminator",
+    "ScatterFeatures",
+    "ScatterDiscriminator",
     "ConditionalGAN",
     "VQVAEWithPrior",
+    "build_discriminator",
     "build_gan",
     "build_model",
 ]
@@ -83,6 +89,96 @@ class Discriminator(nn.Module):
         return self.head(h.flatten(1)).squeeze(1)
 
 
+def _morlet_bank(scales: int, orientations: int, size: int) -> torch.Tensor:
+    """Real and imaginary parts of 2-D Morlet wavelets (kymatio's parameters: width
+    0.8 * 2^j, frequency 3pi/4 / 2^j, slant 4/L), zero-mean, unit L1 norm; shape
+    (2 * scales * orientations, 1, size, size)."""
+    half = size // 2
+    grid = torch.arange(-half, half + 1, dtype=torch.float64)
+    yy, xx = torch.meshgrid(grid, grid, indexing="ij")
+    kernels = []
+    for j in range(scales):
+        sigma, xi = 0.8 * 2**j, 3 * math.pi / 4 / 2**j
+        for t in range(orientations):
+            theta = math.pi * t / orientations
+            u = xx * math.cos(theta) + yy * math.sin(theta)
+            v = -xx * math.sin(theta) + yy * math.cos(theta)
+            slant = 4.0 / orientations
+            envelope = torch.exp(-(u**2 + (slant * v) ** 2) / (2 * sigma**2))
+            wave = torch.exp(1j * xi * u)
+            beta = (envelope * wave).sum() / envelope.sum()  # makes the wavelet zero-mean
+            psi = envelope * (wave - beta)
+            psi = psi / psi.abs().sum()
+            kernels += [psi.real, psi.imag]
+    return torch.stack(kernels).unsqueeze(1).float()
+
+
+class ScatterFeatures(nn.Module):
+    """Fixed first-order scattering of a 28x28 image (a ScatterNet in the sense of Tramer
+    and Boneh, ICLR 2021, written out so no extra dependency is needed): the image's local
+    mean and the modulus of its Morlet wavelet responses at `scales` scales and
+    `orientations` angles, each averaged over 4x4 cells -> (1 + scales * orientations, 7, 7).
+
+    It has no parameters, only buffers: nothing here is trained, so under DP-SGD it costs
+    no privacy and Opacus computes no per-example gradient for it."""
+
+    def __init__(self, scales: int = 2, orientations: int = 8, size: int = 9) -> None:
+        super().__init__()
+        self.register_buffer("bank", _morlet_bank(scales, orientations, size), persistent=False)
+        self.out_channels = 1 + scales * orientations
+        self.padding = size // 2
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images + 1) / 2  # background 0, so zero padding adds no false edge
+        response = F.conv2d(x, self.bank, padding=self.padding)
+        re, im = response[:, 0::2], response[:, 1::2]
+        modulus = torch.sqrt(re * re + im * im + 1e-8)
+        # Scaled so both kinds of feature are of order 1 for a stroke image.
+        return torch.cat([F.avg_pool2d(x, 4), 4 * F.avg_pool2d(modulus, 4)], dim=1)
+
+
+class ScatterDiscriminator(nn.Module):
+    """(image, label) -> logit: fixed ScatterFeatures, then a small trainable head, with the
+    label entering by projection (Miyato and Koyama, 2018): logit = w.h + e_y.h.
+
+    Why: DP-SGD's noise norm grows with the square root of the number of trained
+    parameters, and Opacus's per-example gradients for a convolution at full resolution
+    are costly; here only the head (a few thousand to tens of thousands of parameters, on
+    7x7 maps) is trained. The label costs 10 x hidden parameters instead of a 784-wide
+    embedding plane."""
+
+    def __init__(self, num_classes: int, hidden: int, head: str = "mlp") -> None:
+        super().__init__()
+        self.features = ScatterFeatures()
+        c = self.features.out_channels
+        if head == "cnn":
+            self.head: nn.Module = nn.Sequential(
+                nn.Conv2d(c, hidden, 3, padding=1),  # 7x7
+                nn.LeakyReLU(0.2),
+                nn.Conv2d(hidden, hidden, 3, stride=2, padding=1),  # 4x4
+                nn.LeakyReLU(0.2),
+                nn.Flatten(),
+                nn.Linear(hidden * 16, hidden),
+                nn.LeakyReLU(0.2),
+            )
+        else:
+            self.head = nn.Sequential(nn.Flatten(), nn.Linear(c * 49, hidden), nn.LeakyReLU(0.2))
+        self.out = nn.Linear(hidden, 1)
+        self.embed = nn.Embedding(num_classes, hidden)
+        nn.init.zeros_(self.embed.weight)  # starts unconditional; the label's role is learnt
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        h = self.head(self.features(images))
+        return self.out(h).squeeze(1) + (self.embed(labels) * h).sum(dim=1)
+
+
+def build_discriminator(cfg: ModelConfig, num_classes: int) -> nn.Module:
+    """The configured discriminator (`model.discriminator`)."""
+    if cfg.discriminator == "scatter":
+        return ScatterDiscriminator(num_classes, cfg.discriminator_hidden, cfg.discriminator_head)
+    return Discriminator(cfg.discriminator_channels, num_classes, cfg.groups)
+
+
 class ConditionalGAN(nn.Module):
     """Both networks in one module, so one state_dict carries `generator.*` and
     `discriminator.*` weights between server and clients."""
@@ -90,7 +186,7 @@ class ConditionalGAN(nn.Module):
     def __init__(self, cfg: ModelConfig, num_classes: int = 10) -> None:
         super().__init__()
         self.generator = Generator(cfg.latent_dim, cfg.generator_channels, num_classes, cfg.groups)
-        self.discriminator = Discriminator(cfg.discriminator_channels, num_classes, cfg.groups)
+        self.discriminator = build_discriminator(cfg, num_classes)
         self.num_classes = num_classes
 
     @torch.no_grad()

@@ -1,8 +1,20 @@
-"""Privacy accounting on top of Opacus's accountants.
+"""Privacy accounting with Google's dp-accounting.
 
 A client's whole participation is one accountant history: a list of
-(noise_multiplier, sample_rate, steps) entries, plain data that is carried across rounds
-(and restarts) and published in the privacy report, so anyone can recompute epsilon.
+(noise_multiplier, sample_rate, steps) entries, plain data that is carried across rounds,
+runs and restarts and published in the privacy report, so anyone can recompute epsilon.
+Each entry is `steps` compositions of the Poisson-subsampled Gaussian mechanism.
+
+Two neighbouring relations (which datasets the guarantee says are indistinguishable):
+- `add_remove`: D and D with one example added or removed. The dataset size n is then
+  private: nothing released may depend on it (the sample rate comes from a size the owner
+  declares public). Accountants: `rdp` or `pld`.
+- `replace_one`: D and D with one example replaced. n may be public (it is released as the
+  client's aggregation weight). Accountant: `pld` (dp-accounting's RDP does not cover
+  Poisson sampling under replace-one).
+
+The PLD accountant is pessimistic (its discretisation rounds privacy loss up); the interval
+is fixed here and named in every report, so a recomputation gives the same number.
 """
 
 from __future__ import annotations
@@ -10,12 +22,15 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
-from opacus.accountants import IAccountant, create_accountant
-from opacus.accountants.utils import get_noise_multiplier
+import dp_accounting
 
 # Opacus calls logging.basicConfig() on import, which doubles every line Flower logs;
 # take that root handler off again (recognised by Opacus's format string).
+import opacus  # noqa: F401  (imported for the side effect above, undone below)
+from dp_accounting import pld, rdp
+
 for _handler in list(logging.getLogger().handlers):
     if getattr(_handler.formatter, "_fmt", None) == "%(asctime)s:%(levelname)s:%(message)s":
         logging.getLogger().removeHandler(_handler)
@@ -23,17 +38,30 @@ for _handler in list(logging.getLogger().handlers):
 __all__ = [
     "HistoryEntry",
     "PlannedBudget",
-    "make_accountant",
+    "ACCOUNTANTS",
+    "NEIGHBORING",
+    "PLD_DISCRETIZATION",
+    "check_accounting",
     "epsilon_of",
     "calibrate_noise",
     "sample_rate_for",
+    "recompute_recipe",
 ]
 
 HistoryEntry = tuple[float, float, int]
 
-# Calibration stops within this fraction below the target: the spec asks for <= 2%.
+ACCOUNTANTS = ("rdp", "pld")
+NEIGHBORING = ("add_remove", "replace_one")
+PLD_DISCRETIZATION = 1e-3  # value_discretization_interval; 1e-4 moves epsilon by < 0.1%
+
+# Calibration stops within this fraction below the target.
 CALIBRATION_TOLERANCE = 0.005
 MAX_USEFUL_NOISE = 100.0
+
+_RELATIONS = {
+    "add_remove": dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
+    "replace_one": dp_accounting.NeighboringRelation.REPLACE_ONE,
+}
 
 
 @dataclass(frozen=True)
@@ -45,22 +73,68 @@ class PlannedBudget:
     sample_rate: float
     steps: int
     accountant: str
+    neighboring: str
 
 
-def make_accountant(name: str, history: list[HistoryEntry] | None = None) -> IAccountant:
-    accountant = create_accountant(mechanism=name)
-    accountant.history = [(float(s), float(q), int(n)) for s, q, n in (history or [])]
-    return accountant
+def check_accounting(accountant: str, neighboring: str) -> None:
+    """Refuse a pair that dp-accounting cannot account for."""
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(f"accountant {accountant!r} is not one of {ACCOUNTANTS}")
+    if neighboring not in NEIGHBORING:
+        raise ValueError(f"neighbouring relation {neighboring!r} is not one of {NEIGHBORING}")
+    if neighboring == "replace_one" and accountant != "pld":
+        raise ValueError(
+            "the rdp accountant cannot account for Poisson sampling under replace_one; "
+            "use accountant pld (or the add_remove relation)"
+        )
 
 
-def epsilon_of(history: list[HistoryEntry], delta: float, accountant: str) -> float:
-    """Epsilon of a history, computed by a fresh Opacus accountant."""
-    if not history:
+def _accountant(accountant: str, neighboring: str) -> dp_accounting.PrivacyAccountant:
+    check_accounting(accountant, neighboring)
+    relation = _RELATIONS[neighboring]
+    if accountant == "rdp":
+        return rdp.RdpAccountant(neighboring_relation=relation)
+    return pld.PLDAccountant(
+        neighboring_relation=relation, value_discretization_interval=PLD_DISCRETIZATION
+    )
+
+
+@lru_cache(maxsize=4096)
+def _epsilon(
+    history: tuple[HistoryEntry, ...], delta: float, accountant: str, neighboring: str
+) -> float:
+    if any(sigma <= 0 for sigma, _, steps in history if steps > 0):
+        return math.inf  # a step without noise has no finite epsilon
+    acc = _accountant(accountant, neighboring)
+    for sigma, q, steps in history:
+        if steps > 0:
+            event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
+            acc.compose(event, int(steps))
+    # Epsilon is never negative: for a large delta the conversions can go below zero,
+    # and (0, delta) is then the honest statement.
+    return max(0.0, float(acc.get_epsilon(delta)))
+
+
+def epsilon_of(
+    history: list[HistoryEntry] | list[list[float]],
+    delta: float,
+    accountant: str,
+    neighboring: str = "add_remove",
+) -> float:
+    """Epsilon at `delta` of a history, computed afresh by dp-accounting."""
+    if not 0.0 < delta < 1.0:
+        raise ValueError(f"delta {delta} must be in (0, 1)")
+    entries = tuple((float(s), float(q), int(n)) for s, q, n in history)
+    if not entries:
         return 0.0
-    return float(make_accountant(accountant, history).get_epsilon(delta=delta))
+    return _epsilon(entries, float(delta), accountant, neighboring)
 
 
 def sample_rate_for(batch_size: int, num_examples: int) -> float:
+    """The Poisson sample rate that gives batches of `batch_size` on average out of
+    `num_examples` (the client's n under replace_one; its declared public size under
+    add_remove). The sampler, the accountant, the calibration and the report all use this
+    one number."""
     if num_examples <= 0:
         raise ValueError("a client has no training examples; it cannot train or be accounted")
     if batch_size > num_examples:
@@ -68,35 +142,59 @@ def sample_rate_for(batch_size: int, num_examples: int) -> float:
             f"training.batch_size={batch_size} exceeds this client's {num_examples} examples; "
             "lower the batch size or give the client more data"
         )
-    # Opacus's convention (make_private: 1 / len(data_loader)), so the rate we calibrate
-    # for is exactly the rate its Poisson sampler and accountant use.
-    return 1.0 / math.ceil(num_examples / batch_size)
+    return batch_size / num_examples
 
 
+@lru_cache(maxsize=256)
 def calibrate_noise(plan: PlannedBudget) -> float:
-    """The smallest noise multiplier whose epsilon after `plan.steps` steps is at most the
-    target (and within CALIBRATION_TOLERANCE of it)."""
-    # Beyond this noise the model learns nothing: refuse at once rather than search on.
-    floor = epsilon_of(
-        [(MAX_USEFUL_NOISE, plan.sample_rate, plan.steps)], plan.delta, plan.accountant
-    )
-    if floor > plan.target_epsilon:
-        raise ValueError(
-            f"cannot reach target_epsilon={plan.target_epsilon} at delta={plan.delta} with "
-            f"{plan.steps} steps at sample rate {plan.sample_rate:.4g}: even noise multiplier "
-            f"{MAX_USEFUL_NOISE:g} spends epsilon {floor:.3g}; raise the target, or plan fewer "
-            "rounds/local steps or a smaller batch"
+    """The smallest noise multiplier (within CALIBRATION_TOLERANCE of the target) whose
+    epsilon after `plan.steps` steps is at most the target; never above it."""
+
+    def spent(sigma: float) -> float:
+        return epsilon_of(
+            [(sigma, plan.sample_rate, plan.steps)], plan.delta, plan.accountant, plan.neighboring
         )
-    sigma = get_noise_multiplier(
-        target_epsilon=plan.target_epsilon,
-        target_delta=plan.delta,
-        sample_rate=plan.sample_rate,
-        steps=plan.steps,
-        accountant=plan.accountant,
-        epsilon_tolerance=CALIBRATION_TOLERANCE * plan.target_epsilon,
+
+    target = plan.target_epsilon
+    if spent(MAX_USEFUL_NOISE) > target:
+        raise ValueError(
+            f"cannot reach target_epsilon={target} at delta={plan.delta} with "
+            f"{plan.steps} steps at sample rate {plan.sample_rate:.4g}: even noise multiplier "
+            f"{MAX_USEFUL_NOISE:g} spends more; raise the target, or plan fewer rounds/local "
+            "steps or a smaller batch"
+        )
+    high, low = MAX_USEFUL_NOISE, 1.0
+    while spent(low) <= target:  # find a noise that is too low
+        high, low = low, low / 2
+        if low < 1e-3:
+            return high
+    # Bisect in log space: `high` always satisfies the target, `low` never does.
+    while True:
+        mid = math.sqrt(high * low)
+        eps = spent(mid)
+        if eps <= target:
+            high = mid
+            if eps >= target * (1 - CALIBRATION_TOLERANCE):
+                break
+        else:
+            low = mid
+        if high / low < 1 + 1e-6:
+            break
+    assert spent(high) <= target  # the report relies on it
+    return float(high)
+
+
+def recompute_recipe(accountant: str, neighboring: str) -> str:
+    """How anyone recomputes a reported epsilon from the report's own fields."""
+    relation = _RELATIONS[neighboring].name
+    make = (
+        f"dp_accounting.rdp.RdpAccountant(neighboring_relation=NeighboringRelation.{relation})"
+        if accountant == "rdp"
+        else f"dp_accounting.pld.PLDAccountant(neighboring_relation=NeighboringRelation."
+        f"{relation}, value_discretization_interval={PLD_DISCRETIZATION:g})"
     )
-    # Opacus's search guarantees eps <= target; check it, since the report relies on it.
-    spent = epsilon_of([(sigma, plan.sample_rate, plan.steps)], plan.delta, plan.accountant)
-    if spent > plan.target_epsilon:
-        raise RuntimeError(f"calibration overshot: epsilon {spent} > target {plan.target_epsilon}")
-    return float(sigma)
+    return (
+        f"acc = {make}; for sigma, q, steps in history: acc.compose("
+        "dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps); "
+        "epsilon = max(0, acc.get_epsilon(delta))"
+    )

@@ -6,7 +6,7 @@ Layout of a run directory:
     metrics.jsonl          one JSON object per round: stage, losses, round time, epsilon,
                            test-set evaluation on evaluation rounds
     privacy_report.json    the epsilon report (schema in docs/PRIVACY.md)
-    privacy_report.md      the same as a table
+    privacy_report.md      the privacy statement, with a table per client
     privacy_epsilon.png    epsilon per client against rounds
     samples/round_NNN.png  class-conditional samples, one row per class
     checkpoints/round_NNN.safetensors  global weights after each round
@@ -34,7 +34,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from fedgen.config import FedgenConfig
-from fedgen.privacy import epsilon_of
+from fedgen.privacy_report import (
+    PrivacyLedger,
+    _client_sort_key,
+    format_privacy_table,
+    load_privacy_report,
+    privacy_markdown,
+)
 
 __all__ = [
     "RunDir",
@@ -99,200 +105,6 @@ def save_image_grid(images: torch.Tensor, rows: int, path: Path, scale: int = 2)
     img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
-
-
-class PrivacyLedger:
-    """The server's record of every client's privacy spending, as its clients reported it.
-
-    Each client's history is the full accountant history it holds, so the epsilon here is
-    cumulative over its whole participation; `check` recomputes it independently."""
-
-    def __init__(self, cfg: FedgenConfig) -> None:
-        self.cfg = cfg
-        self.clients: dict[str, dict[str, Any]] = {}
-        self.rounds: list[dict[str, Any]] = []
-
-    def record_round(
-        self,
-        server_round: int,
-        reports: list[dict[str, Any]],
-        declined: list[dict[str, Any]] | None = None,
-        failures: list[str] | None = None,
-    ) -> None:
-        """Record the clients that trained in a round. `declined` holds the reports of
-        clients that refused to train (their own budget), with a `reason`; `failures` one
-        line per client that failed or did not answer."""
-        entry: dict[str, Any] = {
-            "round": server_round,
-            "epsilon": {},
-            "declined": [
-                {"client_id": str(d["client_id"]), "reason": str(d["reason"])}
-                for d in declined or []
-            ],
-            "failures": list(failures or []),
-        }
-        for rep in reports:
-            entry["epsilon"][str(rep["client_id"])] = self._update_client(rep, trained=True)
-        for rep in declined or []:
-            self._update_client(rep, trained=False)
-            self.clients[str(rep["client_id"])]["declined_rounds"].append(server_round)
-        self.rounds.append(entry)
-
-    def _update_client(self, rep: dict[str, Any], trained: bool) -> float | None:
-        cid = str(rep["client_id"])
-        before = self.clients.get(cid, {})
-        reported = [[float(s), float(q), int(n)] for s, q, n in rep["history"]]
-        lost = before.get("lost_history", [])
-        own = before.get("history", [])[len(lost) :]  # what the client itself still holds
-        if own and not _extends(own, reported):
-            # The client lost its history (a new device, a lost ledger): what it spent
-            # before still counts, so the two compose; the report flags it.
-            lost = [*lost, *own]
-        history = [*lost, *reported]
-        p = self.cfg.privacy
-        recomputed = epsilon_of(history, p.delta, p.accountant) if p.enabled else None
-        self.clients[cid] = {
-            "epsilon": recomputed,
-            "reported_epsilon": rep.get("epsilon"),
-            "num_examples": int(rep["num_examples"]),
-            "noise_multiplier": float(rep["noise_multiplier"]),
-            "sample_rate": float(rep["sample_rate"]),
-            "planned_steps": int(rep["planned_steps"]),
-            "steps": sum(h[2] for h in history),
-            "rounds_participated": before.get("rounds_participated", 0) + int(trained),
-            "declined_rounds": before.get("declined_rounds", []),
-            "history": history,
-            "stage_steps": dict(rep.get("stage_steps", {})),
-        }
-        if lost:
-            self.clients[cid]["lost_history"] = lost
-        return recomputed
-
-    def restore(self, saved: dict[str, Any], reported: dict[str, Any]) -> None:
-        """Continue from the `clients` and `rounds` of a saved server state (resume);
-        a client whose history in `reported` (a later report) is longer keeps that one."""
-        self.clients = {str(k): dict(v) for k, v in saved["clients"].items()}
-        self.rounds = [dict(r) for r in saved["rounds"]]
-        spending = ("epsilon", "reported_epsilon", "steps", "history", "lost_history",
-                    "stage_steps", "noise_multiplier", "sample_rate", "planned_steps",
-                    "num_examples")  # fmt: skip
-        for cid, client in reported.items():
-            mine = self.clients.get(cid)
-            if mine is None:
-                # Trained only in the round that was cut short: counted, 0 rounds recorded.
-                self.clients[cid] = {**client, "rounds_participated": 0, "declined_rounds": []}
-            elif client.get("steps", 0) > mine.get("steps", 0):
-                mine.update({k: client[k] for k in spending if k in client})
-
-    @property
-    def max_epsilon(self) -> float:
-        return max((c["epsilon"] or 0.0 for c in self.clients.values()), default=0.0)
-
-    def to_dict(self) -> dict[str, Any]:
-        p = self.cfg.privacy
-        return {
-            "private": p.enabled,
-            "accountant": p.accountant,
-            "delta": p.delta,
-            "target_epsilon": p.target_epsilon if p.enabled else None,
-            "max_epsilon": self.max_epsilon if p.enabled else None,
-            "max_grad_norm": p.max_grad_norm,
-            "guarantee": (
-                "sample-level (epsilon, delta)-DP per client, for each client's own examples, "
-                "cumulative over all rounds it took part in; max_epsilon is the largest over clients"
-                if p.enabled
-                else "none: privacy.enabled is false"
-            ),
-            "mechanism": MECHANISMS[self.cfg.model.type],
-            "rounds_planned": self.cfg.total_rounds,
-            "local_steps_per_round": self.cfg.training.local_steps,
-            "planned_steps": self.cfg.planned_steps,
-            "rounds": self.rounds,
-            "clients": dict(sorted(self.clients.items(), key=lambda kv: _client_sort_key(kv[0]))),
-            "recompute": (
-                "for each client: opacus.accountants.create_accountant(accountant); "
-                "acc.history = [tuple(h) for h in history]; acc.get_epsilon(delta)"
-            ),
-        }
-
-
-def _extends(old: list[list[float]], new: list[list[float]]) -> bool:
-    """Whether accountant history `new` continues `old` (Opacus merges equal consecutive
-    entries, so the last old entry may have grown)."""
-    if len(new) < len(old):
-        return False
-    for i, (sigma, q, steps) in enumerate(old):
-        ns, nq, nsteps = new[i]
-        if (ns, nq) != (sigma, q):
-            return False
-        if nsteps != steps and not (i == len(old) - 1 and nsteps > steps):
-            return False
-    return True
-
-
-MECHANISMS = {
-    "gan": "DP-SGD (Opacus) on the discriminator's real-image gradient, Poisson sampling",
-    "vqvae": "DP-SGD (Opacus) on every VQ-VAE parameter (codebook included), then on the "
-    "code prior trained on the client's own codes; both stages in one accountant history, "
-    "Poisson sampling",
-}
-
-
-def _client_sort_key(cid: str) -> tuple[int, str]:
-    return (int(cid), "") if cid.isdigit() else (1 << 62, cid)
-
-
-def format_privacy_table(report: dict[str, Any]) -> str:
-    """The epsilon report as a plain-text table (what `fedgen report` prints)."""
-    lines = []
-    if not report.get("private", True):
-        lines.append("privacy: NONE (privacy.enabled is false); no epsilon guarantee")
-    else:
-        lines.append(
-            f"accountant {report['accountant']}  delta {report['delta']:g}  "
-            f"target epsilon {report['target_epsilon']:g}  max epsilon {report['max_epsilon']:.4f}"
-        )
-    header = ["client", "epsilon", "examples", "noise", "sample rate", "steps", "rounds"]
-    rows = [
-        [
-            cid,
-            f"{c['epsilon']:.4f}" if report.get("private", True) else "-",
-            str(c["num_examples"]),
-            f"{c['noise_multiplier']:.4f}",
-            f"{c['sample_rate']:.5f}",
-            f"{c['steps']}/{c['planned_steps']}",
-            str(c["rounds_participated"]),
-        ]
-        for cid, c in report["clients"].items()
-    ]
-    widths = [
-        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)
-    ]
-    fmt = "  ".join(f"{{:>{w}}}" for w in widths)
-    lines += [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
-    lines += [fmt.format(*r) for r in rows]
-    lines += _absences(report)
-    return "\n".join(lines)
-
-
-def _absences(report: dict[str, Any]) -> list[str]:
-    """One line per client that declined or failed in a round, with the reason."""
-    lines = []
-    for entry in report.get("rounds", []):
-        for d in entry.get("declined", []):
-            lines.append(f"round {entry['round']}: {d['client_id']} {d['reason']}")
-        for failure in entry.get("failures", []):
-            lines.append(f"round {entry['round']}: failed: {failure}")
-    return ["", "clients that did not train:", *lines] if lines else []
-
-
-def load_privacy_report(run_dir: Path) -> dict[str, Any]:
-    path = Path(run_dir) / "privacy_report.json"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} does not exist: is {run_dir} a fedgen run directory with at least one round done?"
-        )
-    return json.loads(path.read_text())
 
 
 def _round_of(path: Path) -> int:
@@ -508,45 +320,8 @@ class RunDir:
     def write_privacy_report(self, ledger: PrivacyLedger) -> None:
         report = ledger.to_dict()
         write_atomic(self.path / "privacy_report.json", json.dumps(report, indent=2))
-        write_atomic(self.path / "privacy_report.md", _privacy_markdown(report))
+        write_atomic(self.path / "privacy_report.md", privacy_markdown(report))
         _plot_epsilon(report, self.path / "privacy_epsilon.png")
-
-
-def _privacy_markdown(report: dict[str, Any]) -> str:
-    lines = [
-        "# Privacy report",
-        "",
-        f"- guarantee: {report['guarantee']}",
-        f"- mechanism: {report['mechanism']}",
-        f"- accountant: `{report['accountant']}`, delta: `{report['delta']:g}`, "
-        f"clipping bound: `{report['max_grad_norm']:g}`",
-        f"- target epsilon: `{report['target_epsilon']}`, max epsilon over clients: "
-        f"`{report['max_epsilon']}`",
-        f"- rounds planned: {report['rounds_planned']}, DP steps per round: "
-        f"{report['local_steps_per_round']}, DP steps planned per client: "
-        f"{report['planned_steps']}",
-        f"- recompute: `{report['recompute']}`",
-        "",
-        "| client | epsilon | examples | noise multiplier | sample rate | steps (done/planned) | rounds |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for cid, c in report["clients"].items():
-        eps = f"{c['epsilon']:.4f}" if report["private"] else "-"
-        lines.append(
-            f"| {cid} | {eps} | {c['num_examples']} | {c['noise_multiplier']:.4f} | "
-            f"{c['sample_rate']:.5f} | {c['steps']}/{c['planned_steps']} | {c['rounds_participated']} |"
-        )
-    lines += [f"- {line}" if line.startswith("round") else line for line in _absences(report)]
-    lines += [
-        "",
-        "History per client, `[noise_multiplier, sample_rate, steps]`, and steps per stage:",
-        "",
-    ]
-    lines += [
-        f"- {cid}: `{c['history']}`; stages `{json.dumps(c.get('stage_steps', {}))}`"
-        for cid, c in report["clients"].items()
-    ]
-    return "\n".join(lines) + "\n"
 
 
 def _plot_epsilon(report: dict[str, Any], path: Path) -> None:

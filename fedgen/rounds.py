@@ -16,13 +16,8 @@ from fedgen.config import FedgenConfig
 from fedgen.data import NUM_CLASSES, Dataset, federated_partitions, load_dataset, to_tensors
 from fedgen.evaluation import Evaluator
 from fedgen.models import build_model
-from fedgen.privacy import (
-    HistoryEntry,
-    PlannedBudget,
-    calibrate_noise,
-    epsilon_of,
-    sample_rate_for,
-)
+from fedgen.policy import DevicePolicy, accounting_size, plan_for
+from fedgen.privacy import HistoryEntry, epsilon_of
 from fedgen.reports import PrivacyLedger, RunDir, plot_quality
 from fedgen.training import LocalResult, resolve_device, train_dp_locally, train_gan_locally
 from fedgen.vqvae import encode_codes, prior_loss, vqvae_loss
@@ -71,38 +66,36 @@ class ClientPrivacyState:
 
 
 def plan_privacy(cfg: FedgenConfig, num_examples: int) -> ClientPrivacyState:
-    """Calibrate the noise before the first round: planned for every round and local step,
-    so that the epsilon after all of them reaches the target and never exceeds it."""
-    q = sample_rate_for(cfg.training.batch_size, num_examples)
-    steps = cfg.planned_steps  # both stages of a VQ-VAE share one budget
-    p = cfg.privacy
-    if not p.enabled:
-        sigma = 0.0
-    elif p.noise_multiplier is not None:
-        sigma = p.noise_multiplier
-    else:
-        sigma = calibrate_noise(PlannedBudget(p.target_epsilon, p.delta, q, steps, p.accountant))
-    return ClientPrivacyState(sigma, q, steps, [])
+    """A simulated client's plan, made before its first round by the same code a device
+    runs (`fedgen.policy.plan_for`), with the experiment's config as its policy: the noise
+    planned for every round and local step, so the epsilon after all of them reaches the
+    target and never exceeds it."""
+    sigma, rate, steps = plan_for(DevicePolicy.from_config(cfg), cfg, num_examples)
+    return ClientPrivacyState(sigma, rate, steps, [])
 
 
 def preflight(cfg: FedgenConfig) -> tuple[list[int], ClientPrivacyState, list[str]]:
     """Check, before any process starts, that the data is there, every client can train
     and the privacy target is reachable: returns the client sizes, the smallest client's
-    privacy plan (the noisiest one) and warnings. Raises DataError or ValueError with the fix."""
+    privacy plan (the noisiest one) and notices. Raises DataError or ValueError with the fix."""
     data = load_dataset(cfg.data, "train", seed=cfg.seed)
     sizes = [len(p) for p in federated_partitions(cfg, data.labels, cfg.federation.num_clients)]
     smallest = min(sizes)
+    p = cfg.privacy
+    n = accounting_size(DevicePolicy.from_config(cfg), smallest)
+    if p.enabled and p.delta >= 1.0 / n:
+        raise ValueError(
+            f"privacy.delta={p.delta:g} is not below 1/n={1.0 / n:.2g} (n={n}, the "
+            + ("declared public_num_examples" if p.neighboring == "add_remove" else "smallest client")
+            + "): such a delta permits leaking whole examples, and every device refuses it; "
+            "lower the delta"
+        )
     plan = plan_privacy(cfg, smallest)
     notices = []
-    if cfg.privacy.enabled and cfg.privacy.delta >= 1.0 / smallest:
-        notices.append(
-            f"privacy.delta={cfg.privacy.delta:g} is not below 1/n={1.0 / smallest:.2g} of the "
-            "smallest client: such a delta permits leaking whole examples; lower it"
-        )
-    if cfg.privacy.enabled and cfg.privacy.reproducible_noise:
+    if p.enabled and p.reproducible_noise:
         notices.append(
             "privacy.reproducible_noise is on: the DP noise is seeded from the config, which the "
-            "server knows, so the epsilon holds only against outsiders"
+            "server knows, so the epsilon holds only against outsiders (devices refuse it)"
         )
     return sizes, plan, notices
 
@@ -145,6 +138,7 @@ def client_round(
             device,
             seed,
             proximal_mu,
+            privacy.sample_rate,
         )
     else:
         result = _train_vqvae_stage(
@@ -152,10 +146,16 @@ def client_round(
         )
     stage_steps = dict(privacy.stage_steps)
     if cfg.privacy.enabled:
+        # One sample rate everywhere: the rate the sampler used is the one the history
+        # records, the one calibration assumed and the one the report will show.
+        rates = {q for _, q, _ in result.history}
+        if rates != {privacy.sample_rate}:
+            raise RuntimeError(
+                f"accounted sample rates {rates} differ from the planned {privacy.sample_rate}"
+            )
         stage_steps[stage] = stage_steps.get(stage, 0) + steps
-        result.metrics["epsilon"] = epsilon_of(
-            result.history, cfg.privacy.delta, cfg.privacy.accountant
-        )
+        p = cfg.privacy
+        result.metrics["epsilon"] = epsilon_of(result.history, p.delta, p.accountant, p.neighboring)
     new_state = ClientPrivacyState(
         privacy.noise_multiplier,
         privacy.sample_rate,
@@ -209,6 +209,7 @@ def _train_vqvae_stage(
         seed,
         proximal_mu,
         tr.physical_batch_size,
+        privacy.sample_rate,
     )
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return LocalResult(state, {"steps": float(steps)}, history)
@@ -237,7 +238,7 @@ class RoundRecorder:
     def server_state(self) -> dict[str, Any]:
         """The recorder's part of what a resumed run needs (see `RunDir.save_server_state`)."""
         return {
-            "ledger": {"clients": self.ledger.clients, "rounds": self.ledger.rounds},
+            "ledger": self.ledger.state(),
             "quality": self._quality,
             # Flower samples clients with Python's `random`: its state, for the same draws.
             "random_state": _plain(random.getstate()),
@@ -275,10 +276,12 @@ class RoundRecorder:
         client_reports: list[dict[str, Any]],
         failures: list[str],
         declined: list[dict[str, Any]] | None = None,
+        missing: list[str] | None = None,
     ) -> dict[str, Any]:
-        """Write everything for a finished round; returns the metrics line."""
+        """Write everything for a finished round; returns the metrics line. `missing`:
+        sampled clients that sent no update (carried as provisional in the report)."""
         declined = declined or []
-        self.ledger.record_round(server_round, client_reports, declined, failures)
+        self.ledger.record_round(server_round, client_reports, declined, failures, missing)
         self.run_dir.write_privacy_report(self.ledger)
         evaluation: dict[str, Any] = {}
         if state is not None:
@@ -294,7 +297,7 @@ class RoundRecorder:
             "clients": len(client_reports),
             "failures": len(failures),
             "failure_reasons": failures,
-            "declined": {str(d["client_id"]): d["reason"] for d in declined},
+            "declined": {str(d["client_id"]): d["code"] for d in declined},
             "skipped_files": sum(int(r["metrics"].get("skipped-files", 0)) for r in client_reports),
             "max_epsilon": self.ledger.max_epsilon if self.cfg.privacy.enabled else None,
             "per_client": {
@@ -312,6 +315,13 @@ class RoundRecorder:
             self._quality.append(line)
             plot_quality(self._quality, self.run_dir.path / "quality.png")
         return line
+
+    def record_tallies(self, tallies: list[tuple[str, dict[str, Any]]]) -> None:
+        """Settle provisional clients from their end-of-run tallies and rewrite the report
+        (and the saved server state, so a resume sees the same)."""
+        for label, tally in tallies:
+            self.ledger.record_tally(label, tally)
+        self.run_dir.write_privacy_report(self.ledger)
 
     def print_progress(self, line: dict[str, Any]) -> None:
         def fmt(v: float | None) -> str:

@@ -16,33 +16,34 @@ Why this is private (sample level, per client):
 - Metrics that leave the client are computed on generated data only (the loss on real
   images is not reported: it is an un-noised statistic of private data; neither are
   timings, which depend on the sampled batches).
-- The DP randomness (noise, Poisson sampling) comes from OS entropy on the client, unless
-  `privacy.reproducible_noise` asks for seeded, replayable runs.
+- The DP randomness (noise, Poisson sampling) comes from a ChaCha20 stream keyed from OS
+  entropy on the client (`fedgen.secure_random`), unless `privacy.reproducible_noise` asks
+  for seeded, replayable runs (simulation only; devices refuse it).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from opacus import GradSampleModule, PrivacyEngine
+from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedgen.config import PrivacyConfig, TrainingConfig
+from fedgen.dp_sgd import StepRecord, make_private
 from fedgen.models import ConditionalGAN
 from fedgen.privacy import HistoryEntry
+from fedgen.secure_random import SecureRandom
 
 __all__ = [
     "LocalResult",
     "resolve_device",
-    "make_private",
     "train_dp_locally",
     "discriminator_step",
     "generator_step",
@@ -82,47 +83,6 @@ def _hooks_off(module: nn.Module) -> Iterator[None]:
         yield
 
 
-def dp_generator(device: torch.device, seed: int | None) -> torch.Generator:
-    """Randomness of the DP mechanism (noise, Poisson sampling). Unless a seed is given for
-    reproducibility, it comes from OS entropy on the client: a noise stream anyone can
-    regenerate from the run's config could be subtracted again."""
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed if seed is not None else secrets.randbits(63))
-    return gen
-
-
-def make_private(
-    module: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    loader: DataLoader,
-    privacy: PrivacyConfig,
-    noise_multiplier: float,
-    history: list[HistoryEntry],
-    seed: int | None = None,
-) -> tuple[nn.Module, torch.optim.Optimizer, DataLoader, PrivacyEngine]:
-    """Wrap a module for DP-SGD with Poisson sampling; the accountant continues `history`.
-    `seed` fixes the DP randomness (only with privacy.reproducible_noise)."""
-    device = next(module.parameters()).device
-    # Opacus's Poisson sampler draws from the loader's generator (a CPU one).
-    loader = DataLoader(
-        loader.dataset,
-        batch_size=loader.batch_size,
-        generator=dp_generator(torch.device("cpu"), seed),
-    )
-    engine = PrivacyEngine(accountant=privacy.accountant)
-    engine.accountant.history = [tuple(h) for h in history]
-    private_module, dp_optimizer, dp_loader = engine.make_private(
-        module=module,
-        optimizer=optimizer,
-        data_loader=loader,
-        noise_multiplier=noise_multiplier,
-        max_grad_norm=privacy.max_grad_norm,
-        poisson_sampling=True,
-        noise_generator=dp_generator(device, None if seed is None else seed + 1),
-    )
-    return private_module, dp_optimizer, dp_loader, engine
-
-
 def _maybe_private(
     module: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -132,19 +92,32 @@ def _maybe_private(
     noise_multiplier: float,
     history: list[HistoryEntry],
     seed: int,
-) -> tuple[nn.Module, torch.optim.Optimizer, DataLoader, PrivacyEngine | None]:
-    """The training pieces with DP-SGD when privacy is on, plain ones (shuffled) if not."""
-    loader = DataLoader(TensorDataset(*tensors), batch_size=batch_size, shuffle=True)
+    sample_rate: float | None,
+) -> tuple[nn.Module, torch.optim.Optimizer, Iterator[tuple[torch.Tensor, ...]], StepRecord | None]:
+    """The training pieces with DP-SGD when privacy is on (Poisson batches at the planned
+    `sample_rate`, noise from a ChaCha20 stream), plain shuffled batches if not."""
     if not privacy.enabled:
-        return module, optimizer, loader, None
-    fixed_seed = seed if privacy.reproducible_noise else None
-    return make_private(
-        module, optimizer, loader, privacy, noise_multiplier, history, seed=fixed_seed
+        loader = DataLoader(TensorDataset(*tensors), batch_size=batch_size, shuffle=True)
+        return module, optimizer, _batches(loader), None
+    rate = sample_rate if sample_rate is not None else batch_size / tensors[0].shape[0]
+    # Keyed from OS entropy; from the config's seed only for reproducible research runs.
+    rng = SecureRandom.from_seed(seed) if privacy.reproducible_noise else SecureRandom()
+    private_module, dp_opt, batches, record = make_private(
+        module,
+        optimizer,
+        tensors,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=privacy.max_grad_norm,
+        sample_rate=rate,
+        expected_batch_size=batch_size,
+        history=history,
+        rng=rng,
     )
+    return private_module, dp_opt, iter(batches), record
 
 
-def _history_after(engine: PrivacyEngine | None, history: list[HistoryEntry]) -> list[HistoryEntry]:
-    entries = engine.accountant.history if engine is not None else history
+def _history_after(record: StepRecord | None, history: list[HistoryEntry]) -> list[HistoryEntry]:
+    entries = record.history if record is not None else history
     return [(float(s), float(q), int(n)) for s, q, n in entries]
 
 
@@ -333,6 +306,7 @@ def train_gan_locally(
     device: torch.device,
     seed: int,
     proximal_mu: float = 0.0,
+    sample_rate: float | None = None,
 ) -> LocalResult:
     """Train `model` for `training.local_steps` discriminator steps on one client's data.
 
@@ -348,10 +322,17 @@ def train_gan_locally(
         disc.parameters(), lr=training.lr_discriminator, betas=betas
     )
     g_opt = torch.optim.Adam(gen.parameters(), lr=training.lr_generator, betas=betas)
-    d_module, d_opt, loader, engine = _maybe_private(
-        disc, d_opt, (images, labels), training.batch_size, privacy, noise_multiplier, history, seed
+    d_module, d_opt, batches, record = _maybe_private(
+        disc,
+        d_opt,
+        (images, labels),
+        training.batch_size,
+        privacy,
+        noise_multiplier,
+        history,
+        seed,
+        sample_rate,
     )
-    batches = _batches(loader)
     d_losses, g_losses = [], []
     try:
         for step in range(training.local_steps):
@@ -389,7 +370,7 @@ def train_gan_locally(
     finally:
         if isinstance(d_module, GradSampleModule):
             d_module._close()  # remove Opacus hooks so the model is plain again
-    new_history = _history_after(engine, history)
+    new_history = _history_after(record, history)
     metrics = {
         "d_loss_fake": sum(d_losses) / len(d_losses),
         "g_loss": sum(g_losses) / len(g_losses) if g_losses else float("nan"),
@@ -417,6 +398,7 @@ def train_dp_locally(
     seed: int,
     proximal_mu: float = 0.0,
     physical_batch_size: int | None = None,
+    sample_rate: float | None = None,
 ) -> list[HistoryEntry]:
     """Plain DP-SGD (Adam) on `module` for `steps` Poisson-sampled batches of `tensors`:
     every parameter's per-example gradient is clipped and noised. `loss_fn(module, *batch)`
@@ -427,12 +409,11 @@ def train_dp_locally(
     anchors = {id(p): p.detach().clone() for p in module.parameters()}
     prox = _proximal(proximal_mu, anchors)
     opt: torch.optim.Optimizer = torch.optim.Adam(module.parameters(), lr=lr)
-    wrapped, opt, loader, engine = _maybe_private(
-        module, opt, tensors, batch_size, privacy, noise_multiplier, history, seed
+    wrapped, opt, batches, record = _maybe_private(
+        module, opt, tensors, batch_size, privacy, noise_multiplier, history, seed, sample_rate
     )
     is_dp = isinstance(opt, DPOptimizer)
     params = [p for p in module.parameters() if p.requires_grad]
-    batches = _batches(loader)
     try:
         for _ in range(steps):
             batch = [t.to(device) for t in next(batches)]
@@ -455,4 +436,4 @@ def train_dp_locally(
     finally:
         if isinstance(wrapped, GradSampleModule):
             wrapped._close()
-    return _history_after(engine, history)
+    return _history_after(record, history)

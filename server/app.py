@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedgen.config import FedgenConfig, load_config, resumable_config
 from fedgen.reports import RunDir, write_atomic
 from fedgen.rounds import RoundRecorder
-from server.strategy import build_strategy, restore_strategy_state
+from server.strategy import build_strategy, restore_strategy_state, tally_report
 
 APP_ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,10 +70,46 @@ def run_federation(grid: Grid, cfg: FedgenConfig, run_dir: RunDir, resume: bool 
             # Clients validate the config with the same schema: one source for every setting.
             train_config=ConfigRecord(train_config),
         )
+        collect_tallies(grid, recorder, strategy.node_of, train_config, cfg.federation.round_timeout)
     except BaseException:
         run_dir.finish(cfg, status="failed")
         raise
     run_dir.finish(cfg, status="completed")
+
+
+def collect_tallies(
+    grid: Grid,
+    recorder: RoundRecorder,
+    node_of: dict[str, int],
+    train_config: dict[str, str],
+    timeout: float,
+) -> None:
+    """After the last round, ask every client still carried as provisional (sampled, no
+    update) for its final history, and close the run on it: a round it trained after the
+    server stopped waiting is counted, and no later message can train for this run."""
+    outstanding = [who for who in recorder.ledger.outstanding() if who in node_of]
+    if not outstanding:
+        return
+    config = ConfigRecord({k: train_config[k] for k in ("run-id", "sim-ledger-dir")})
+    messages = [
+        Message(
+            content=RecordDict({"config": config}),
+            dst_node_id=node_of[who],
+            message_type=MessageType.QUERY,
+        )
+        for who in outstanding
+    ]
+    print(f"[fedgen] collecting the final tally of {len(messages)} client(s)", flush=True)
+    label_of = {node_of[who]: who for who in outstanding}
+    tallies = []
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        if reply.has_error() or "tally" not in reply.content:
+            continue  # stays provisional: counted as spent
+        try:
+            tallies.append((label_of[reply.metadata.src_node_id], tally_report(reply)))
+        except Exception:  # a malformed tally leaves the client provisional
+            continue
+    recorder.record_tallies(tallies)
 
 
 def make_server_app(

@@ -64,14 +64,20 @@ def aggregate_train_metrics(records: list[RecordDict], weight_key: str) -> Metri
 
 
 def _privacy_fields(record: ConfigRecord) -> dict[str, Any]:
-    return {
-        "client_id": str(record["client-id"]),
-        "noise_multiplier": float(record["noise-multiplier"]),
-        "sample_rate": float(record["sample-rate"]),
-        "planned_steps": int(record["planned-steps"]),
-        "history": json.loads(str(record["history"])),
-        "stage_steps": json.loads(str(record.get("stage-steps", "{}"))),
-    }
+    """A device's privacy record; a device that has not trained in this run yet (a
+    decline before its first round) sends no history."""
+    fields: dict[str, Any] = {"client_id": str(record["client-id"])}
+    if "history" in record:
+        fields.update(
+            {
+                "noise_multiplier": float(record["noise-multiplier"]),
+                "sample_rate": float(record["sample-rate"]),
+                "planned_steps": int(record["planned-steps"]),
+                "history": json.loads(str(record["history"])),
+                "stage_steps": json.loads(str(record.get("stage-steps", "{}"))),
+            }
+        )
+    return fields
 
 
 def client_report(reply: Message) -> dict[str, Any]:
@@ -86,13 +92,14 @@ def client_report(reply: Message) -> dict[str, Any]:
 
 
 def declined_report(reply: Message) -> dict[str, Any]:
-    """A client that refused to train (its own privacy budget): who, why, and its history."""
+    """A device that refused to train (its own policy): who, its reason code, its history."""
     record = reply.content["declined"]
-    return {
-        **_privacy_fields(record),
-        "num_examples": int(record["num-examples"]),
-        "reason": str(record["reason"]),
-    }
+    return {**_privacy_fields(record), "code": str(record["code"])}
+
+
+def tally_report(reply: Message) -> dict[str, Any]:
+    """A device's end-of-run tally: its id and, if it trained in the run, its history."""
+    return _privacy_fields(reply.content["tally"])
 
 
 SUPERLINK_NODE_ID = 1  # the sender Flower puts on errors the SuperLink makes for a node
@@ -100,11 +107,13 @@ SUPERLINK_NODE_ID = 1  # the sender Flower puts on errors the SuperLink makes fo
 
 def split_replies(
     replies: list[Message], sampled: list[int], names: dict[int, str], timeout: float
-) -> tuple[list[Message], list[dict[str, Any]], list[str]]:
-    """Updates to aggregate, declines, and one line per node that sent no update: who
-    (its client name where an earlier reply told it) and why."""
+) -> tuple[list[Message], list[dict[str, Any]], list[str], list[int]]:
+    """Updates to aggregate, declines, one line per node that sent no update (who, where
+    an earlier reply named it, and why: a reason code, never free text from a device), and
+    the nodes that sent no update and did not decline (they may have trained)."""
     updates, declined, failures = [], [], []
     answered: set[int] = set()
+    missing: list[int] = []
     link_errors: list[str] = []
     for reply in replies:
         src = reply.metadata.src_node_id
@@ -113,25 +122,42 @@ def split_replies(
             continue
         answered.add(src)
         if reply.has_error():
-            failures.append(f"{_node_name(src, names)}: {reply.error.reason}")
+            # Flower's own error (the ClientApp could not run): its code, not its text.
+            failures.append(f"{_node_name(src, names)}: flower-error-{reply.error.code}")
+            missing.append(src)
             continue
         try:
             if "declined" in reply.content:
                 declined.append(declined_report(reply))
                 names[src] = declined[-1]["client_id"]
                 continue
+            if "failed" in reply.content:
+                record = reply.content["failed"]
+                if str(record.get("client-id", "?")) != "?":
+                    names[src] = str(record["client-id"])
+                failures.append(f"{_node_name(src, names)}: {_code(record.get('code'))}")
+                missing.append(src)
+                continue
             names[src] = str(reply.content["privacy"]["client-id"])
-        except Exception as err:  # a hostile or broken client must not stop the server
-            failures.append(f"{_node_name(src, names)}: malformed reply ({err!r})")
+        except Exception:  # a hostile or broken client must not stop the server
+            failures.append(f"{_node_name(src, names)}: malformed-reply")
+            missing.append(src)
             continue
         updates.append(reply)
     # Errors the SuperLink made (node unavailable) do not name the node; the nodes that
     # were sampled and did not answer themselves are the ones they are about.
     silent = [n for n in sampled if n not in answered]
     for i, node in enumerate(silent):
-        reason = link_errors[i] if i < len(link_errors) else f"no reply within {timeout:g}s"
+        reason = "node-unavailable" if i < len(link_errors) else f"no reply within {timeout:g}s"
         failures.append(f"{_node_name(node, names)}: {reason}")
-    return updates, declined, failures
+    return updates, declined, failures, [*missing, *silent]
+
+
+def _code(value: Any) -> str:
+    """A device's failure code, kept only when it is one of the fixed codes."""
+    from fedgen.policy import FAILURE_CODES
+
+    return str(value) if str(value) in FAILURE_CODES else "unknown-code"
 
 
 EXPECTED_RECORDS = {"arrays": ArrayRecord, "metrics": MetricRecord, "privacy": ConfigRecord}
@@ -220,6 +246,7 @@ def build_strategy(cfg: FedgenConfig, recorder: RoundRecorder, first_round: int 
     class RecordingStrategy(base):  # type: ignore[valid-type, misc]
         _sampled: list[int] = []  # nodes sent a message this round (set by configure_train)
         _names: dict[int, str] = {}  # node id -> client id, learned from replies
+        node_of: dict[str, int] = {}  # client id (or "node N") -> node id, for the tally
 
         def configure_train(
             self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -236,14 +263,19 @@ def build_strategy(cfg: FedgenConfig, recorder: RoundRecorder, first_round: int 
         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
             server_round += offset
             replies = list(replies)
-            updates, declined, failures = split_replies(
+            updates, declined, failures, silent = split_replies(
                 replies, self._sampled, self._names, fed.round_timeout
             )
+            missing = []
+            for node in silent:  # may have trained: provisional until their history says
+                label = self._names.get(node, f"node {node}")
+                self.node_of[label] = node
+                missing.append(label)
             kept, rejected = self._screen(server_round, updates, failures)
             # Every client that trained spent privacy, whatever happens to the round next.
             reports = [*(report for _, report in kept), *rejected]
             if len(kept) < needed:
-                recorder.record(server_round, None, reports, failures, declined)
+                recorder.record(server_round, None, reports, failures, declined, missing)
                 raise RuntimeError(
                     f"round {server_round}: {len(kept)} client update(s), fewer than {why}; "
                     f"declined: {[d['client_id'] for d in declined]}, failures: {failures}"
@@ -251,7 +283,7 @@ def build_strategy(cfg: FedgenConfig, recorder: RoundRecorder, first_round: int 
             try:
                 arrays, metrics = super().aggregate_train(server_round, [r for r, _ in kept])
             except BaseException:
-                recorder.record(server_round, None, reports, failures, declined)
+                recorder.record(server_round, None, reports, failures, declined, missing)
                 raise
             frozen = recorder.frozen_prefixes(server_round)
             if arrays is not None and frozen:
@@ -266,6 +298,7 @@ def build_strategy(cfg: FedgenConfig, recorder: RoundRecorder, first_round: int 
                 reports,
                 failures,
                 declined,
+                missing,
             )
             if arrays is not None:
                 recorder.run_dir.save_server_state(
@@ -290,8 +323,8 @@ def build_strategy(cfg: FedgenConfig, recorder: RoundRecorder, first_round: int 
                     reason = _malformed(reply, report) or check_update(
                         sent, reply.content["arrays"].to_torch_state_dict(), bound
                     )
-                except Exception as err:  # whatever a client sends, the server carries on
-                    reason = f"malformed reply ({err!r})"
+                except Exception:  # whatever a client sends, the server carries on
+                    reason = "malformed-reply"
                 if reason is None and report is not None:
                     kept.append((reply, report))
                     continue

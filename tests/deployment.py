@@ -147,9 +147,11 @@ class Deployment:
         self.processes.append(proc)
         return proc
 
-    def run(self, run_config: str, timeout: float) -> subprocess.CompletedProcess:
-        """`flwr run` of this repository's app; returns when the run has finished."""
-        return self.flwr("run", str(REPO), "fedgen", "--run-config", run_config, "--stream",
+    def run(
+        self, run_config: str, timeout: float, app: Path = REPO
+    ) -> subprocess.CompletedProcess:
+        """`flwr run` of an app (this repository's by default); returns when it finished."""
+        return self.flwr("run", str(app), "fedgen", "--run-config", run_config, "--stream",
                          timeout=timeout)  # fmt: skip
 
     def stop(self) -> None:

@@ -1,13 +1,12 @@
 """A device's own data (image folders, .npz) and its privacy ledger, without Flower."""
 
-import json
-
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from fedgen.data import DataError, data_fingerprint, load_device_data, make_glyphs
-from fedgen.ledger import DeviceLedger, LedgerError, epsilon_after
+from fedgen.ledger import DeviceLedger, LedgerError
 from fedgen.privacy import epsilon_of
 from fedgen.rounds import ClientPrivacyState
 
@@ -99,53 +98,46 @@ def state(history):
     return ClientPrivacyState(1.1, 0.05, 300, history, {"gan": sum(h[2] for h in history)})
 
 
-def test_ledger_round_trips_and_recomputes(tmp_path):
-    ledger = DeviceLedger(tmp_path, "run-1", "ab" * 32, "a")
-    assert ledger.state() is None
-    s = state([(1.1, 0.05, 100)])
-    ledger.write(s, client_id="a", accountant="rdp", delta=1e-5, server_round=1, num_examples=40)
-    s2 = state([(1.1, 0.05, 200)])
-    content = ledger.write(
-        s2, client_id="a", accountant="rdp", delta=1e-5, server_round=2, num_examples=40
-    )
-    # A fresh ledger object (a restarted SuperNode) reads the whole history back.
-    again = DeviceLedger(tmp_path, "run-1", "ab" * 32, "a")
-    assert again.state() == s2
-    assert content["rounds"] == [1, 2]
-    on_disk = json.loads(again.path.read_text())
-    assert on_disk["epsilon"] == pytest.approx(epsilon_of([(1.1, 0.05, 200)], 1e-5, "rdp"))
-    assert [p.name for p in tmp_path.iterdir()] == [again.path.name]  # no temp file left
+def _write(ledger, run_id, history, server_round=1, fingerprint="ab" * 32):
+    state = ClientPrivacyState(1.0, 0.01, 300, history, {"gan": sum(h[2] for h in history)})
+    policy = {"delta": 1e-5, "accountant": "pld", "neighboring": "replace_one"}
+    return ledger.write_round(
+        run_id, state, data_fingerprint=fingerprint, num_examples=100, policy=policy,
+        epsilon=epsilon_of(history, 1e-5, "pld", "replace_one"), lifetime_epsilon=0.0,
+        server_round=server_round, reply=({"w": torch.zeros(2)}, {"g_loss": 1.0}),
+    )  # fmt: skip
 
 
-def test_ledger_is_per_run_and_client_and_checks_the_data(tmp_path):
-    DeviceLedger(tmp_path, "run-1", "ab" * 32, "a").write(
-        state([(1.1, 0.05, 100)]),
-        client_id="a",
-        accountant="rdp",
-        delta=1e-5,
-        server_round=1,
-        num_examples=40,
-    )
-    assert DeviceLedger(tmp_path, "run-2", "ab" * 32, "a").state() is None
-    assert DeviceLedger(tmp_path, "run-1", "ab" * 32, "b").state() is None
-    # The same client with different data: refused, never a fresh history.
+def test_ledger_round_trips_and_keeps_the_last_reply(tmp_path):
+    ledger = DeviceLedger(tmp_path, "a")
+    _write(ledger, "run-1", [(1.0, 0.01, 100)])
+    again = DeviceLedger(tmp_path, "a")
+    run = again.run("run-1", "ab" * 32)
+    assert run["history"] == [[1.0, 0.01, 100]] and run["rounds"] == [1]
+    weights, metrics = again.cached_reply("run-1", 1)
+    assert torch.equal(weights["w"], torch.zeros(2)) and metrics == {"g_loss": 1.0}
+    assert again.cached_reply("run-1", 2) is None and again.cached_reply("run-2", 1) is None
+
+
+def test_ledger_holds_every_run_and_composes_them(tmp_path):
+    ledger = DeviceLedger(tmp_path, "a")
+    _write(ledger, "run-1", [(1.0, 0.01, 100)])
+    _write(ledger, "run-2", [(2.0, 0.01, 50)], fingerprint="cd" * 32)  # new data, new run
+    assert set(ledger.read()["runs"]) == {"run-1", "run-2"}
+    assert ledger.lifetime_history() == [(1.0, 0.01, 100), (2.0, 0.01, 50)]
+    assert ledger.other_runs_history("run-2") == [(1.0, 0.01, 100)]
+    # Data that changed mid-run is refused for that run.
     with pytest.raises(LedgerError, match="different data"):
-        DeviceLedger(tmp_path, "run-1", "cd" * 32, "a").state()
+        ledger.run("run-1", "cd" * 32)
+    closed = ledger.close_run("run-1")
+    assert closed["closed"] and ledger.run("run-1")["closed"]
 
 
 def test_unreadable_ledger_stops_training_instead_of_restarting_from_zero(tmp_path):
-    ledger = DeviceLedger(tmp_path, "run-1", "ab" * 32, "a")
-    ledger.path.write_text('{"format": "fedgen-ledger-1", "hist')  # half a file
+    ledger = DeviceLedger(tmp_path, "a")
+    ledger.path.write_text("{ not json")
     with pytest.raises(LedgerError, match="cannot be read.*restart from zero"):
-        ledger.state()
-
-
-def test_epsilon_after_adds_the_next_round():
-    s = state([(1.1, 0.05, 100)])
-    assert epsilon_after(s, 100, 1e-5, "rdp") == pytest.approx(
-        epsilon_of([(1.1, 0.05, 200)], 1e-5, "rdp")
-    )
-    assert epsilon_after(s, 100, 1e-5, "rdp") > epsilon_of(s.history, 1e-5, "rdp")
+        ledger.read()
 
 
 def test_fingerprint_changes_with_any_pixel():
@@ -169,7 +161,7 @@ def test_server_report_never_lets_a_history_shrink():
     client = report.clients["a"]
     assert client["steps"] == 40 and client["lost_history"] == [[1.0, 0.1, 20]]
     assert client["epsilon"] == pytest.approx(
-        epsilon_of([(1.0, 0.1, 20), (1.0, 0.1, 20)], 1e-5, "rdp")
+        epsilon_of([(1.0, 0.1, 20), (1.0, 0.1, 20)], 1e-5, "pld", "replace_one")
     )
 
 

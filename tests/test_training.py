@@ -7,17 +7,17 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
 from opacus.validators import ModuleValidator
-from torch.utils.data import DataLoader, TensorDataset
 
 from clients.app import train as client_train
 from fedgen.config import PrivacyConfig
 from fedgen.data import client_partition
+from fedgen.dp_sgd import make_private
 from fedgen.models import Discriminator, Generator, build_gan
 from fedgen.privacy import epsilon_of
+from fedgen.secure_random import SecureRandom
 from fedgen.training import (
     discriminator_step,
     generator_step,
-    make_private,
     mode_seeking_penalty,
 )
 
@@ -35,6 +35,20 @@ def _flat(module):
     return torch.cat([p.detach().flatten() for p in module.parameters()])
 
 
+def _private(disc, opt, x, y, clip):
+    return make_private(
+        disc,
+        opt,
+        (x, y),
+        noise_multiplier=0.0,
+        max_grad_norm=clip,
+        sample_rate=1.0,
+        expected_batch_size=len(x),
+        history=[],
+        rng=SecureRandom(),
+    )
+
+
 def _one_update(x, y, private: bool, clip: float) -> torch.Tensor:
     torch.manual_seed(0)
     disc = Discriminator(channels=8, num_classes=10, groups=4)
@@ -42,10 +56,7 @@ def _one_update(x, y, private: bool, clip: float) -> torch.Tensor:
     opt = torch.optim.SGD(disc.parameters(), lr=1.0)
     module = disc
     if private:
-        loader = DataLoader(TensorDataset(x, y), batch_size=len(x))
-        module, opt, _, _ = make_private(
-            disc, opt, loader, PrivacyConfig(max_grad_norm=clip), noise_multiplier=0.0, history=[]
-        )
+        module, opt, _, _ = _private(disc, opt, x, y, clip)
     discriminator_step(module, opt, x, y)
     return _flat(disc) - before
 
@@ -67,13 +78,14 @@ def test_clipping_bounds_one_examples_influence(mnist_dir):
     assert unclipped > 2 * bound  # without clipping the same change breaks the bound
 
 
-def _train_message(cfg, weights, server_round):
-    content = RecordDict(
-        {
-            "arrays": ArrayRecord(weights),
-            "config": ConfigRecord({"fedgen-config": cfg.to_json(), "server-round": server_round}),
-        }
-    )
+def _train_message(cfg, weights, server_round, ledger_dir, run_id="run-a"):
+    config = {
+        "fedgen-config": cfg.to_json(),
+        "server-round": server_round,
+        "run-id": run_id,
+        "sim-ledger-dir": str(ledger_dir),
+    }
+    content = RecordDict({"arrays": ArrayRecord(weights), "config": ConfigRecord(config)})
     # A message as the SuperNode delivers it to the ClientApp (metadata set by the runtime).
     metadata = Metadata(
         run_id=1,
@@ -100,7 +112,7 @@ def _context(cfg, partition_id: int) -> Context:
     )
 
 
-def test_client_reply_holds_only_weights_scalars_and_its_cumulative_history():
+def test_client_reply_holds_only_weights_scalars_and_its_cumulative_history(tmp_path):
     cfg = small_config()
     model = build_gan(cfg.model, seed=0)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -109,7 +121,7 @@ def test_client_reply_holds_only_weights_scalars_and_its_cumulative_history():
     weights = model.state_dict()
     epsilons = []
     for server_round in (1, 2, 3):
-        reply = client_train(_train_message(cfg, weights, server_round), context)
+        reply = client_train(_train_message(cfg, weights, server_round, tmp_path), context)
         content = reply.content
         assert set(content.keys()) == {"arrays", "metrics", "privacy"}
         arrays = content["arrays"].to_torch_state_dict()
@@ -127,7 +139,7 @@ def test_client_reply_holds_only_weights_scalars_and_its_cumulative_history():
         assert all(len(h) == 3 for h in history)
         # Cumulative: the history covers every round so far, and a fresh accountant agrees.
         assert sum(h[2] for h in history) == server_round * cfg.training.local_steps
-        recomputed = epsilon_of([tuple(h) for h in history], cfg.privacy.delta, "rdp")
+        recomputed = epsilon_of([tuple(h) for h in history], cfg.privacy.delta, "pld", "replace_one")
         assert metrics["epsilon"] == pytest.approx(recomputed, rel=1e-9)
         epsilons.append(metrics["epsilon"])
         weights = copy.deepcopy(arrays)
@@ -141,13 +153,10 @@ def _chunked_update(x, y, fake, fake_y, private: bool, physical: int | None) -> 
     opt = torch.optim.SGD(disc.parameters(), lr=1.0)
     module = disc
     if private:
-        loader = DataLoader(TensorDataset(x, y), batch_size=len(x))
-        module, opt, _, engine = make_private(
-            disc, opt, loader, PrivacyConfig(max_grad_norm=0.1), noise_multiplier=0.0, history=[]
-        )
+        module, opt, _, record = _private(disc, opt, x, y, 0.1)
     discriminator_step(module, opt, x, y, fake, fake_y, physical_batch_size=physical)
     if private:  # one logical batch is one accounted step, however many passes it took
-        assert len(engine.accountant.history) == 1 and engine.accountant.history[0][2] == 1
+        assert record.history == [(0.0, 1.0, 1)]
     return _flat(disc) - before
 
 

@@ -1,0 +1,148 @@
+"""One round on a device, as the device decides it: the Flower-free core of the ClientApp.
+
+Under the device's lock: answer a round it already trained from its cache (sending an
+output twice costs nothing), else check the server's request against the device's own
+policy, make or continue the run's plan from its own ledger, check the round against the
+run's and the lifetime budget, train, and write the ledger before anything is released.
+Anything the device refuses or fails at comes back as a fixed code; the detail goes to the
+device's own log only.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from fedgen.config import ConfigError, FedgenConfig
+from fedgen.data import DataError, Dataset
+from fedgen.ledger import DeviceLedger, LedgerError
+from fedgen.policy import (
+    Decline,
+    DevicePolicy,
+    PolicyError,
+    check_request,
+    check_round,
+    plan_for,
+)
+from fedgen.rounds import ClientPrivacyState, client_round, client_seed
+
+__all__ = ["DeviceReply", "device_round", "close_run", "failure_code", "log"]
+
+log = logging.getLogger("fedgen.device")
+
+
+@dataclass
+class DeviceReply:
+    """What the device sends back: `kind` is trained, cached, declined or failed."""
+
+    kind: str
+    privacy: ClientPrivacyState | None = None
+    state_dict: dict[str, torch.Tensor] | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    code: str | None = None
+    trained_steps: int = 0  # DP steps this call actually took (0 unless trained)
+
+
+def failure_code(err: BaseException) -> str:
+    if isinstance(err, DataError):
+        return "data-error"
+    if isinstance(err, LedgerError):
+        return "ledger-error"
+    if isinstance(err, ConfigError):
+        return "config-error"
+    if isinstance(err, PolicyError):
+        return "policy-error"
+    return "internal-error"
+
+
+def _state(run: dict[str, Any]) -> ClientPrivacyState:
+    return ClientPrivacyState.from_plain(run)
+
+
+def device_round(
+    *,
+    policy: DevicePolicy,
+    ledger: DeviceLedger,
+    cfg: FedgenConfig,
+    run_id: str,
+    server_round: int,
+    global_state: dict[str, torch.Tensor],
+    data: Dataset,
+    data_fingerprint: str,
+    seed_index: int,
+    proximal_mu: float = 0.0,
+) -> DeviceReply:
+    """Train one round if the device's policy and budget allow it (see the module doc)."""
+    n = len(data)
+    with ledger.locked():
+        cached = ledger.cached_reply(run_id, server_round)
+        run = ledger.run(run_id, data_fingerprint)
+        if cached is not None and run is not None:
+            return DeviceReply("cached", _state(run), cached[0], cached[1])
+        try:
+            if run is not None and run.get("closed"):
+                raise Decline("run-closed", f"run {run_id} was closed on this device")
+            check_request(policy, cfg, n)
+            sigma, rate, planned_steps = plan_for(policy, cfg, n)
+            steps = cfg.local_steps_for(cfg.stage(server_round))
+            if run is None:
+                privacy = ClientPrivacyState(sigma, rate, planned_steps, [])
+                whole_run = (sigma, rate, planned_steps)
+            else:
+                privacy = _state(run)
+                whole_run = None
+                mine = (privacy.noise_multiplier, privacy.sample_rate, privacy.planned_steps)
+                if cfg.privacy.enabled and (sigma, rate, planned_steps) != mine:
+                    raise Decline(
+                        "plan-changed",
+                        f"request plans {(sigma, rate, planned_steps)}, run has {mine}",
+                    )
+            if cfg.privacy.enabled:
+                check_round(
+                    policy,
+                    privacy.history,
+                    ledger.other_runs_history(run_id),
+                    (privacy.noise_multiplier, privacy.sample_rate, steps),
+                    whole_run,
+                )
+        except Decline as decline:
+            log.warning("round %s of run %s declined: %s", server_round, run_id, decline)
+            state = _state(run) if run is not None else None
+            return DeviceReply("declined", state, code=decline.code)
+
+        result, privacy = client_round(
+            cfg,
+            global_state,
+            data,
+            privacy,
+            client_seed(cfg.seed, seed_index, server_round),
+            proximal_mu,
+            server_round,
+        )
+        metrics = dict(result.metrics)
+        if cfg.privacy.enabled:
+            metrics["epsilon"] = policy.epsilon(privacy.history)
+        # On disk before the reply leaves: an update that was released is always accounted.
+        ledger.write_round(
+            run_id,
+            privacy,
+            data_fingerprint=data_fingerprint,
+            num_examples=n,
+            policy=policy.to_plain(),
+            epsilon=metrics.get("epsilon", 0.0),
+            lifetime_epsilon=policy.epsilon([*ledger.other_runs_history(run_id), *privacy.history]),
+            server_round=server_round,
+            reply=(result.state_dict, metrics),
+        )
+        trained = steps if cfg.privacy.enabled else 0
+        return DeviceReply("trained", privacy, result.state_dict, metrics, trained_steps=trained)
+
+
+def close_run(ledger: DeviceLedger, run_id: str) -> ClientPrivacyState | None:
+    """The run's final tally on this device; no message trains for it afterwards."""
+    with ledger.locked():
+        run = ledger.close_run(run_id)
+    return None if run is None else _state(run)
