@@ -238,8 +238,9 @@ class TrainingConfig(_Section):
     batch_size: int = Field(
         64,
         ge=1,
-        description="Logical (Poisson) batch size; sample rate = 1/ceil(n/batch_size) "
-        "(Opacus's rule). Noise and accounting depend on it.",
+        description="Expected (Poisson) batch size; sample rate = batch_size / n, with n the "
+        "client's size (replace_one) or privacy.public_num_examples (add_remove). Noise and "
+        "accounting depend on it.",
     )
     physical_batch_size: int | None = Field(
         None,

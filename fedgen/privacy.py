@@ -119,7 +119,7 @@ def epsilon_of(
     history: list[HistoryEntry] | list[list[float]],
     delta: float,
     accountant: str,
-    neighboring: str = "add_remove",
+    neighboring: str,
 ) -> float:
     """Epsilon at `delta` of a history, computed afresh by dp-accounting."""
     if not 0.0 < delta < 1.0:

@@ -147,8 +147,11 @@ class PrivacyLedger:
                 {"round": server_round, "kind": "unexpected-growth", "expected": round_steps,
                  "provisional": sum(pending), "got": growth}  # fmt: skip
             )
-        # The client's own history now covers the rounds it was provisional for.
-        client["provisional"] = []
+            late = sum(pending) if late > sum(pending) else max(late, 0)
+        # Rounds the history now covers are settled, oldest first; the others stay
+        # provisional (the device may still train them) until its end-of-run tally.
+        while client["provisional"] and late >= int(client["provisional"][0]["steps"]):
+            late -= int(client["provisional"].pop(0)["steps"])
         history = [*lost, *reported]
         client.update(
             {
@@ -166,9 +169,8 @@ class PrivacyLedger:
             client["rounds_participated"] = client.get("rounds_participated", 0) + 1
         if lost:
             client["lost_history"] = lost
-        client["epsilon"] = self._epsilon(history)
         self.clients[cid] = client
-        return client["epsilon"]
+        return self._settle(client)
 
     def _provisional(self, who: str, server_round: int, steps: int) -> None:
         client = self.clients.get(who)
@@ -176,24 +178,30 @@ class PrivacyLedger:
             self.unidentified.setdefault(who, []).append(server_round)
             return
         client["provisional"].append({"round": server_round, "steps": steps})
-        client["tally"] = "provisional"
-        extra = [client["noise_multiplier"], client["sample_rate"], sum(
-            int(p["steps"]) for p in client["provisional"])]  # fmt: skip
-        client["epsilon"] = self._epsilon([*client["history"], extra])
+        self._settle(client)
+
+    def _settle(self, client: dict[str, Any]) -> float | None:
+        """The client's epsilon: its history, plus its provisional rounds counted as spent."""
+        pending = sum(int(p["steps"]) for p in client["provisional"])
+        extra = [[client["noise_multiplier"], client["sample_rate"], pending]] if pending else []
+        settled = "collected" if client.get("tally") == "collected" else "reported"
+        client["tally"] = "provisional" if pending else settled
+        client["epsilon"] = self._epsilon([*client["history"], *extra])
+        return client["epsilon"]
 
     def record_tally(self, label: str, rep: dict[str, Any]) -> None:
         """A client's final history, collected at the end of the run (`label`: how the
         ledger knew it, its id or `node N`)."""
         self.unidentified.pop(label, None)
         cid = str(rep["client_id"])
-        if rep.get("history") is None:  # the device never trained in this run
-            if cid in self.clients:
-                self.clients[cid]["provisional"] = []
-                self.clients[cid]["tally"] = "collected"
-                self.clients[cid]["epsilon"] = self._epsilon(self.clients[cid]["history"])
-            return
-        self._update(rep, 0, 0)
-        self.clients[cid]["tally"] = "collected"
+        if rep.get("history") is not None:
+            self._update(rep, 0, 0)
+        client = self.clients.get(cid)
+        if client is not None:
+            # The device closed the run: what it did not train by now, it never will.
+            client["provisional"] = []
+            client["tally"] = "collected"
+            self._settle(client)
 
     def outstanding(self) -> list[str]:
         """Clients (and unnamed nodes) whose spending is not settled by their own history."""

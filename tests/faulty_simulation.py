@@ -1,13 +1,20 @@
 """A simulated federation in which some clients fail: run as
 `python -m tests.faulty_simulation OUT` by tests/test_faults.py.
 
-The ClientApp wraps fedgen's own: in round 2, partition 1 raises and partition 2 answers
-only after the round's timeout; every other call is fedgen's ClientApp unchanged."""
+The ClientApp wraps fedgen's own. In round 2, partition 1 raises (Flower reports the
+error), and partition 2 is late: it waits until the server has closed round 2 without it
+and only then trains that round (the update goes nowhere, but the privacy is spent). Its
+round-3 message waits until that late round is on its ledger, so the server meets the late
+round in partition 2's next history and must count it. Every other call is fedgen's
+ClientApp unchanged. No timing is tuned to the machine: the only timeout is the round's,
+and the late client waits on the server's own record, not on a clock."""
 
 from __future__ import annotations
 
+import json
 import sys
 import time
+from pathlib import Path
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
@@ -18,7 +25,9 @@ from fedgen.reports import RunDir
 from server.simulation import simulate
 from tests.helpers import SMALL
 
-ROUND_TIMEOUT = 45.0
+# Long enough for a round's real work on a busy 2-core machine (a few seconds idle),
+# several times over; round 2 lasts exactly this long, since partition 2 never answers it.
+ROUND_TIMEOUT = 120.0
 OVERRIDES = [
     *SMALL,
     "federation.num_clients=4",
@@ -36,14 +45,38 @@ OVERRIDES = [
 faulty = ClientApp()
 
 
+def _wait_for(predicate) -> None:
+    while not predicate():
+        time.sleep(0.2)
+
+
+def _server_closed(out: Path, server_round: int) -> bool:
+    path = out / "metrics.jsonl"
+    return path.is_file() and any(
+        json.loads(line)["round"] == server_round for line in path.read_text().splitlines()
+    )
+
+
+def _ledger_has(out: Path, pid: int, server_round: int) -> bool:
+    path = out / "client-ledgers" / f"{pid}.json"
+    if not path.is_file():
+        return False
+    runs = json.loads(path.read_text())["runs"]
+    return any(server_round in run["rounds"] for run in runs.values())
+
+
 @faulty.train()
 def train(msg: Message, context: Context) -> Message:
     pid = int(context.node_config["partition-id"])
-    server_round = int(msg.content["config"]["server-round"])
+    config = msg.content["config"]
+    server_round = int(config["server-round"])
+    out = Path(str(config["sim-ledger-dir"])).parent
     if server_round == 2 and pid == 1:
         raise RuntimeError("injected failure: client 1 crashed in round 2")
     if server_round == 2 and pid == 2:
-        time.sleep(ROUND_TIMEOUT + 5)  # the server has moved on by then
+        _wait_for(lambda: _server_closed(out, 2))  # the server has moved on by then
+    if server_round == 3 and pid == 2:
+        _wait_for(lambda: _ledger_has(out, 2, 2))
     return fedgen_train(msg, context)
 
 

@@ -75,18 +75,3 @@ def test_certs_make_a_chain_a_tls_client_accepts(tmp_path):
     # A second run would replace working keys: refused unless asked.
     again = _fedgen("certs", str(tmp_path))
     assert again.returncode == 2 and "--overwrite" in again.stderr
-
-
-def test_report_reads_a_device_ledger(tmp_path):
-    from fedgen.ledger import DeviceLedger
-    from fedgen.privacy import epsilon_of
-    from fedgen.rounds import ClientPrivacyState
-
-    state = ClientPrivacyState(1.2, 0.1, 100, [(1.2, 0.1, 50)], {"gan": 50})
-    DeviceLedger(tmp_path, "run-7", "ef" * 32, "clinic-a").write(
-        state, client_id="clinic-a", accountant="rdp", delta=1e-5, server_round=1, num_examples=90
-    )
-    proc = _fedgen("report", str(tmp_path))
-    assert proc.returncode == 0, proc.stderr
-    eps = epsilon_of(state.history, 1e-5, "rdp")
-    assert "client clinic-a" in proc.stdout and f"epsilon {eps:.4f}" in proc.stdout

@@ -83,7 +83,8 @@ def test_run_directory_holds_every_file(run_dir):
 
 def test_privacy_report_is_cumulative_and_recomputable(run_dir):
     report = json.loads((run_dir / "privacy_report.json").read_text())
-    assert report["accountant"] == "rdp" and report["delta"] == 1e-5
+    assert report["accountant"] == "pld" and report["delta"] == 1e-5
+    assert report["neighboring"] == "replace_one"
     assert report["target_epsilon"] == 10.0
     assert set(report["clients"]) == {str(i) for i in range(CLIENTS)}
     assert [r["round"] for r in report["rounds"]] == list(range(1, ROUNDS + 1))
@@ -92,7 +93,7 @@ def test_privacy_report_is_cumulative_and_recomputable(run_dir):
         assert 0 < per_round[0] <= per_round[-1] <= report["target_epsilon"]
         assert all(a <= b for a, b in zip(per_round, per_round[1:], strict=False))
         assert sum(h[2] for h in client["history"]) == ROUNDS * LOCAL_STEPS
-        fresh = epsilon_of([tuple(h) for h in client["history"]], report["delta"], "rdp")
+        fresh = epsilon_of([tuple(h) for h in client["history"]], report["delta"], "pld", "replace_one")
         assert client["epsilon"] == pytest.approx(fresh, rel=1e-12)
         assert client["reported_epsilon"] == pytest.approx(fresh, rel=1e-9)
         assert client["num_examples"] == 1500 // CLIENTS
@@ -149,7 +150,7 @@ def test_evaluate_command_writes_every_metric(run_dir, evaluator_cache, capsys):
     assert result["round"] == ROUNDS and result["clients"] == CLIENTS
     report = json.loads((run_dir / "privacy_report.json").read_text())
     assert result["privacy"]["max_epsilon"] == pytest.approx(report["max_epsilon"])
-    assert result["privacy"]["delta"] == 1e-5 and result["privacy"]["accountant"] == "rdp"
+    assert result["privacy"]["delta"] == 1e-5 and result["privacy"]["accountant"] == "pld"
     # The evaluator the server trained during the run was reused, not trained again.
     assert len(list(evaluator_cache.glob("evaluator-*.safetensors"))) == 1
     # An earlier checkpoint is evaluated on request, with the epsilon spent by then.

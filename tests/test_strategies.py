@@ -82,7 +82,10 @@ def test_server_optimiser_leaves_the_frozen_autoencoder_alone(tmp_path):
         sent = ArrayRecord(weights)
         strat._sent = sent  # what configure_train records of the weights it sends
         strat.current_arrays = {k: a.numpy() for k, a in sent.items()}
-        msgs = [client_train(_train_message(cfg, weights, server_round), c) for c in contexts]
+        msgs = [
+            client_train(_train_message(cfg, weights, server_round, tmp_path / "ledgers"), c)
+            for c in contexts
+        ]
         arrays, _ = strat.aggregate_train(server_round, msgs)
         new = arrays.to_torch_state_dict()
         moved = [

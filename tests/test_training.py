@@ -1,5 +1,6 @@
 import copy
 import json
+import tempfile
 import time
 
 import numpy as np
@@ -78,7 +79,9 @@ def test_clipping_bounds_one_examples_influence(mnist_dir):
     assert unclipped > 2 * bound  # without clipping the same change breaks the bound
 
 
-def _train_message(cfg, weights, server_round, ledger_dir, run_id="run-a"):
+def _train_message(cfg, weights, server_round, ledger_dir=None, run_id="run-a"):
+    # The server names the folder standing in for each simulated device's disk.
+    ledger_dir = ledger_dir or tempfile.mkdtemp(prefix="fedgen-ledgers-")
     config = {
         "fedgen-config": cfg.to_json(),
         "server-round": server_round,
