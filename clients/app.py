@@ -18,6 +18,7 @@ Where things come from depends on the SuperNode's node config:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -111,7 +112,9 @@ def train(msg: Message, context: Context) -> Message:
                 str(node["data-path"]), str(node.get("data-format", "auto"))
             )
             data, skipped = device_data.data, len(device_data.skipped)
-            seed_index = int(fingerprint[:8], 16) % 100_003  # non-private randomness only
+            # Seeds the fake batches only; from the device's name, never from its data
+            # (a data-derived seed would be an un-noised function of the data).
+            seed_index = int(hashlib.sha256(device.client_id.encode()).hexdigest()[:8], 16)
         else:
             pid, parts = int(node["partition-id"]), int(node["num-partitions"])
             data, fingerprint = _load_partition(config_json, pid, parts)
@@ -128,12 +131,12 @@ def train(msg: Message, context: Context) -> Message:
             seed_index=seed_index,
             proximal_mu=float(config.get("proximal-mu", 0.0)),
         )
+        return _message(msg, client_id, policy, len(data), reply, skipped)
     except Exception as err:  # the detail stays in this device's log; a code leaves
         code = failure_code(err)
         log.error("round failed (%s)", code, exc_info=True)
         failed = ConfigRecord({"client-id": client_id, "code": code})
         return Message(content=RecordDict({"failed": failed}), reply_to=msg)
-    return _message(msg, client_id, policy, len(data), reply, skipped)
 
 
 @app.query()

@@ -318,6 +318,13 @@ class PrivacyConfig(_Section):
                 "aggregation weight use a size declared public; set it (e.g. the smallest "
                 "client's size), or use neighboring replace_one"
             )
+        n = self.public_num_examples
+        if self.enabled and n is not None and self.delta >= 1.0 / n:
+            raise ValueError(
+                f"privacy.delta={self.delta:g} is not below 1/public_num_examples={1.0 / n:.2g}: "
+                "such a delta permits leaking whole examples, and every device refuses it; "
+                "lower the delta"
+            )
         return self
 
 

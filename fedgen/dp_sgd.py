@@ -44,12 +44,13 @@ class SecureDPOptimizer(DPOptimizer):
 
     def add_noise(self) -> None:
         std = self.noise_multiplier * self.max_grad_norm
-        for p in self.params:
+        # One draw for every parameter: the stream's cost is per call as much as per value.
+        sizes = [p.summed_grad.numel() for p in self.params]
+        first = self.params[0].summed_grad
+        noise = self.rng.gaussian((sum(sizes),), std, first.dtype, first.device).split(sizes)
+        for p, part in zip(self.params, noise, strict=True):
             _check_processed_flag(p.summed_grad)
-            noise = self.rng.gaussian(
-                p.summed_grad.shape, std, p.summed_grad.dtype, p.summed_grad.device
-            )
-            p.grad = (p.summed_grad + noise).view_as(p)
+            p.grad = (p.summed_grad + part.view_as(p.summed_grad)).view_as(p)
             _mark_as_processed(p.summed_grad)
 
 

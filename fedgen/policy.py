@@ -57,6 +57,7 @@ DECLINE_CODES = {
     "noise-too-low": "the noise multiplier is below the device's floor",
     "plan-changed": "the run's batch, steps or noise differ from the plan the device made",
     "budget-run": "the round would take this run's epsilon past the device's maximum",
+    "target-unreachable": "no noise reaches the run's epsilon over its planned steps",
     "budget-lifetime": "the round or run would take the device's lifetime epsilon past its maximum",
     "run-closed": "the server closed this run on the device (its final tally was collected)",
 }
@@ -250,7 +251,10 @@ def plan_for(
         budget = PlannedBudget(
             target, policy.delta, rate, steps, policy.accountant, policy.neighboring
         )
-        sigma = calibrate_noise(budget)
+        try:
+            sigma = calibrate_noise(budget)
+        except ValueError as err:
+            raise Decline("target-unreachable", str(err)) from None
     if policy.min_noise_multiplier is not None and sigma < policy.min_noise_multiplier:
         raise Decline(
             "noise-too-low", f"noise {sigma:.4g} < policy floor {policy.min_noise_multiplier:g}"

@@ -162,7 +162,7 @@ class PrivacyLedger:
                 "history": history,
                 "steps": _steps(history),
                 "stage_steps": dict(rep.get("stage_steps", {})),
-                "reported_epsilon": rep.get("epsilon"),
+                "reported_epsilon": rep.get("epsilon", client.get("reported_epsilon")),
             }
         )
         if round_steps:

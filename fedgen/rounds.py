@@ -16,7 +16,7 @@ from fedgen.config import FedgenConfig
 from fedgen.data import NUM_CLASSES, Dataset, federated_partitions, load_dataset, to_tensors
 from fedgen.evaluation import Evaluator
 from fedgen.models import build_model
-from fedgen.policy import DevicePolicy, accounting_size, plan_for
+from fedgen.policy import Decline, DevicePolicy, accounting_size, plan_for
 from fedgen.privacy import HistoryEntry, epsilon_of
 from fedgen.reports import PrivacyLedger, RunDir, plot_quality
 from fedgen.training import LocalResult, resolve_device, train_dp_locally, train_gan_locally
@@ -70,7 +70,10 @@ def plan_privacy(cfg: FedgenConfig, num_examples: int) -> ClientPrivacyState:
     runs (`fedgen.policy.plan_for`), with the experiment's config as its policy: the noise
     planned for every round and local step, so the epsilon after all of them reaches the
     target and never exceeds it."""
-    sigma, rate, steps = plan_for(DevicePolicy.from_config(cfg), cfg, num_examples)
+    try:
+        sigma, rate, steps = plan_for(DevicePolicy.from_config(cfg), cfg, num_examples)
+    except Decline as decline:  # in a simulation the config's owner gets the detail
+        raise ValueError(decline.detail) from None
     return ClientPrivacyState(sigma, rate, steps, [])
 
 

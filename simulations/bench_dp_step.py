@@ -8,6 +8,11 @@ is:
   vqvae  one Adam step of the VQ-VAE loss on a batch of images (DP: every parameter)
   prior  one Adam step of the code prior's loss on a batch of 7x7 code grids
 
+Three variants run side by side: `plain` (no DP), `dp` (fedgen's DP-SGD: Opacus's
+per-example clipping, Gaussian noise from a ChaCha20 stream, fedgen.secure_random) and
+`dp-mt` (the same, with the noise from PyTorch's Mersenne Twister as Opacus draws it by
+default), so the cost of the secure noise is the ratio dp-mt / dp.
+
     python simulations/bench_dp_step.py                 # GAN discriminator, CPU or CUDA
     python simulations/bench_dp_step.py --model vqvae --batch-size 128 --device cuda
 """
@@ -19,16 +24,19 @@ import json
 import platform
 import statistics
 import time
+import types
 import warnings
 from collections.abc import Callable
 from datetime import date
 
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from opacus.optimizers import DPOptimizer
 
-from fedgen.config import ModelConfig, PrivacyConfig
+from fedgen.config import ModelConfig
+from fedgen.dp_sgd import make_private
 from fedgen.models import Discriminator
-from fedgen.training import discriminator_step, make_private, resolve_device
+from fedgen.secure_random import SecureRandom
+from fedgen.training import discriminator_step, resolve_device
 from fedgen.vqvae import VQVAE, CodePrior, prior_loss, vqvae_loss
 
 Batch = tuple[torch.Tensor, ...]
@@ -40,19 +48,31 @@ def _module(kind: str, cfg: ModelConfig) -> torch.nn.Module:
     return VQVAE(cfg) if kind == "vqvae" else CodePrior(cfg, 10)
 
 
+VARIANTS = ("plain", "dp", "dp-mt")
+
+
 def _setup(
-    kind: str, private: bool, cfg: ModelConfig, batch: int, device: torch.device
+    kind: str, variant: str, cfg: ModelConfig, batch: int, device: torch.device
 ) -> Callable[[Batch], None]:
     torch.manual_seed(0)
     module = _module(kind, cfg).to(device)
     lr = 2e-4 if kind == "gan" else 1e-3
     opt: torch.optim.Optimizer = torch.optim.Adam(module.parameters(), lr=lr)
     wrapped: torch.nn.Module = module
-    if private:
-        data = TensorDataset(torch.zeros(batch * 10, 1))  # only its length matters here
+    if variant != "plain":
         wrapped, opt, _, _ = make_private(
-            module, opt, DataLoader(data, batch_size=batch), PrivacyConfig(), 1.0, []
+            module,
+            opt,
+            (torch.zeros(batch * 10, 1),),  # batches come from the benchmark, not sampled
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            sample_rate=0.1,
+            expected_batch_size=batch,
+            history=[],
+            rng=SecureRandom(),
         )
+        if variant == "dp-mt":  # Opacus's own noise: torch.normal from the default generator
+            opt.add_noise = types.MethodType(DPOptimizer.add_noise, opt)
 
     def step(b: Batch) -> None:
         if kind == "gan":
@@ -107,17 +127,14 @@ def main() -> None:
     device = resolve_device(args.device)
     cfg = ModelConfig()  # the default sizes of every model
     batches = _batches(args.model, cfg, args.steps, args.batch_size, device)
-    steps = {
-        name: _setup(args.model, name == "dp", cfg, args.batch_size, device)
-        for name in ("plain", "dp")
-    }
+    steps = {name: _setup(args.model, name, cfg, args.batch_size, device) for name in VARIANTS}
     for step in steps.values():  # warm-up: allocator, kernels, hooks
         _trial(step, batches[:3], device)
-    rates: dict[str, list[float]] = {"plain": [], "dp": []}
+    rates: dict[str, list[float]] = {name: [] for name in VARIANTS}
     for _ in range(args.trials):
         for name, step in steps.items():
             rates[name].append(_trial(step, batches, device))
-    plain, dp = statistics.median(rates["plain"]), statistics.median(rates["dp"])
+    plain, dp, dp_mt = (statistics.median(rates[name]) for name in VARIANTS)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
     result = {
         "date": date.today().isoformat(),
@@ -126,14 +143,18 @@ def main() -> None:
         "batch_size": args.batch_size,
         "non_private_samples_per_s": round(plain, 1),
         "dp_samples_per_s": round(dp, 1),
+        "dp_mersenne_noise_samples_per_s": round(dp_mt, 1),
         "slowdown_dp_over_non_private": round(plain / dp, 3),
+        "cost_of_secure_noise": round(dp_mt / dp, 3),
     }
     print(f"model             {args.model} (default sizes)")
     print(f"device            {result['device']}")
     print(f"batch size        {args.batch_size}")
     print(f"non-private       {plain:10.1f} samples/s")
-    print(f"DP-SGD (Opacus)   {dp:10.1f} samples/s")
+    print(f"DP-SGD (ChaCha20) {dp:10.1f} samples/s")
+    print(f"DP-SGD (MT noise) {dp_mt:10.1f} samples/s")
     print(f"slowdown DP/plain {plain / dp:10.3f}x   (goal on a GPU: <= 1.5)")
+    print(f"secure noise cost {dp_mt / dp:10.3f}x   (DP with MT noise / DP with ChaCha20)")
     print(json.dumps(result))
 
 

@@ -77,7 +77,8 @@ HOSTILE = {
     "plan-changed": (["training.batch_size=48"], "run-1"),
     "neighboring-mismatch": (
         ["privacy.neighboring=add_remove", "privacy.accountant=rdp",
-         "privacy.public_num_examples=100000"], "run-1"),  # fmt: skip
+         "privacy.public_num_examples=50000"], "run-1"),  # fmt: skip
+    "target-unreachable": (["privacy.target_epsilon=0.0001"], "run-1"),
     "budget-lifetime": ([], "run-2"),
 }
 

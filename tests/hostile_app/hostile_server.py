@@ -28,7 +28,7 @@ ATTEMPTS = [
     (
         "add-remove",
         ["privacy.neighboring=add_remove", "privacy.accountant=rdp",
-         "privacy.public_num_examples=100000"],
+         "privacy.public_num_examples=50000"],
         "run-1",
         2,
     ),  # fmt: skip
