@@ -385,7 +385,10 @@ def privacy_markdown(report: dict[str, Any]) -> str:
             "every round; each client calibrated its own noise for its own sample rate.",
             "- **Treated as public** (not protected): " + "; ".join(report["public"]) + ".",
             "- **Not covered**: anything a client's owner releases outside fedgen; "
-            "user-level privacy (several examples of one person count as several examples).",
+            "user-level privacy (several examples of one person count as several examples); "
+            "what the timing of a client's replies reveals (its speed and batch sizes); "
+            "a device that runs ClientApp code other than fedgen's (the guarantee assumes "
+            "each device runs fedgen's ClientApp, which enforces its own policy).",
             f"- **Recompute** any client's epsilon from its row: `{report['recompute']}`.",
             "",
         ]

@@ -19,6 +19,7 @@ from pathlib import Path
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from clients.app import query as fedgen_query
 from clients.app import train as fedgen_train
 from fedgen.config import load_config
 from fedgen.reports import RunDir
@@ -43,6 +44,7 @@ OVERRIDES = [
 ]
 
 faulty = ClientApp()
+faulty.query()(fedgen_query)  # the end-of-run tally: fedgen's own handler
 
 
 def _wait_for(predicate) -> None:

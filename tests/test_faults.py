@@ -176,6 +176,9 @@ def test_a_crashing_and_a_late_client_leave_the_run_complete_and_fully_counted(t
         assert client["provisional"] == [] and client["anomalies"] == [], client
         fresh = epsilon_of(run["history"], 1e-5, "pld", "replace_one")
         assert client["epsilon"] == pytest.approx(fresh)
+    # Partition 1 crashed in round 2: provisional until the end-of-run tally settled it.
+    assert report["clients"]["1"]["tally"] == "collected"
+    assert report["clients"]["1"]["steps"] == 2 * steps
     late = json.loads((out / "client-ledgers" / "2.json").read_text())
     (run,) = late["runs"].values()
     assert run["rounds"] == [1, 2, 3] and sum(h[2] for h in run["history"]) == 3 * steps
