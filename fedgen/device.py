@@ -43,7 +43,6 @@ class DeviceReply:
     state_dict: dict[str, torch.Tensor] | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     code: str | None = None
-    trained_steps: int = 0  # DP steps this call actually took (0 unless trained)
 
 
 def failure_code(err: BaseException) -> str:
@@ -122,9 +121,8 @@ def device_round(
             proximal_mu,
             server_round,
         )
+        # Its epsilon is the policy's: delta, relation and accountant were checked equal.
         metrics = dict(result.metrics)
-        if cfg.privacy.enabled:
-            metrics["epsilon"] = policy.epsilon(privacy.history)
         # On disk before the reply leaves: an update that was released is always accounted.
         ledger.write_round(
             run_id,
@@ -137,8 +135,7 @@ def device_round(
             server_round=server_round,
             reply=(result.state_dict, metrics),
         )
-        trained = steps if cfg.privacy.enabled else 0
-        return DeviceReply("trained", privacy, result.state_dict, metrics, trained_steps=trained)
+        return DeviceReply("trained", privacy, result.state_dict, metrics)
 
 
 def close_run(ledger: DeviceLedger, run_id: str) -> ClientPrivacyState | None:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import time
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, RecordDict
+
 from fedgen.config import FedgenConfig, load_config
 
 SMALL = [
@@ -24,3 +29,27 @@ SMALL = [
 
 def small_config(*overrides: str) -> FedgenConfig:
     return load_config(None, [*SMALL, *overrides])
+
+
+def delivered(content: dict[str, Any], message_type: str = "train", group: str = "1") -> Message:
+    """A message as a SuperNode delivers it to the ClientApp (metadata set by the runtime)."""
+    metadata = Metadata(
+        run_id=1,
+        message_id=f"m{group}-{time.monotonic_ns()}",
+        src_node_id=0,
+        dst_node_id=1,
+        reply_to_message_id="",
+        group_id=group,
+        created_at=time.time(),
+        ttl=3600.0,
+        message_type=message_type,
+    )
+    return Message(RecordDict(content), metadata=metadata)
+
+
+def train_message(cfg: FedgenConfig, weights: dict, server_round: int, **config: Any) -> Message:
+    """A train message of fedgen's server: the weights, the config, the round, and `config`
+    (run-id, sim-ledger-dir, ...)."""
+    record = {"fedgen-config": cfg.to_json(), "server-round": server_round, **config}
+    content = {"arrays": ArrayRecord(weights), "config": ConfigRecord(record)}
+    return delivered(content, group=str(server_round))

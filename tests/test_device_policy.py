@@ -9,40 +9,26 @@ import json
 import subprocess
 import sys
 import threading
-import time
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.app import Context, Message, RecordDict
 
 from clients.app import train as client_train
 from fedgen.models import build_gan
 from fedgen.policy import DECLINE_CODES, DevicePolicy, PolicyError
 from fedgen.privacy import epsilon_of
 
-from .helpers import small_config
+from .helpers import small_config, train_message
 from .test_device_data import write_folder
 
 HONEST = ["privacy.target_epsilon=2.0", "training.batch_size=12", "training.local_steps=3"]
 
 
 def message(cfg, server_round: int, run_id: str = "run-1") -> Message:
-    config = {"fedgen-config": cfg.to_json(), "server-round": server_round, "run-id": run_id}
     weights = build_gan(cfg.model, seed=0).state_dict()
-    content = RecordDict({"arrays": ArrayRecord(weights), "config": ConfigRecord(config)})
-    metadata = Metadata(
-        run_id=1,
-        message_id=f"m{server_round}-{run_id}-{time.monotonic_ns()}",
-        src_node_id=0,
-        dst_node_id=1,
-        reply_to_message_id="",
-        group_id=str(server_round),
-        created_at=time.time(),
-        ttl=3600.0,
-        message_type="train",
-    )
-    return Message(content, metadata=metadata)
+    return train_message(cfg, weights, server_round, **{"run-id": run_id})
 
 
 @pytest.fixture

@@ -2,17 +2,16 @@
 sampled client that did not answer is counted as having spent the round until its own
 history says otherwise, and the end-of-run tally settles it."""
 
-import time
 
 import pytest
-from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from clients.app import query as client_query
 from clients.app import train as client_train
 from fedgen.privacy import epsilon_of
 from fedgen.privacy_report import PrivacyLedger, format_privacy_table, privacy_markdown
 
-from .helpers import small_config
+from .helpers import delivered, small_config
 from .test_device_policy import HONEST, message
 
 SIGMA, Q = 1.1, 0.1
@@ -95,12 +94,8 @@ def test_the_query_closes_the_run_so_no_later_message_trains_for_it(tmp_path):
 
     trained = client_train(with_ledger(message(cfg, 1)), ctx)
     assert "arrays" in trained.content
-    metadata = Metadata(
-        run_id=1, message_id="q", src_node_id=0, dst_node_id=1, reply_to_message_id="",
-        group_id="tally", created_at=time.time(), ttl=3600.0, message_type="query",
-    )  # fmt: skip
     config = ConfigRecord({"run-id": "run-1", **sim})
-    tally = client_query(Message(RecordDict({"config": config}), metadata=metadata), ctx)
+    tally = client_query(delivered({"config": config}, "query", "tally"), ctx)
     record = tally.content["tally"]
     assert record["history"] == trained.content["privacy"]["history"]
     late = client_train(with_ledger(message(cfg, 2)), ctx)

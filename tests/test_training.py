@@ -1,12 +1,11 @@
 import copy
 import json
 import tempfile
-import time
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.app import Context, RecordDict
 from opacus.validators import ModuleValidator
 
 from clients.app import train as client_train
@@ -22,7 +21,7 @@ from fedgen.training import (
     mode_seeking_penalty,
 )
 
-from .helpers import small_config
+from .helpers import small_config, train_message
 
 
 def test_discriminator_passes_opacus_validator_unchanged():
@@ -82,26 +81,9 @@ def test_clipping_bounds_one_examples_influence(mnist_dir):
 def _train_message(cfg, weights, server_round, ledger_dir=None, run_id="run-a"):
     # The server names the folder standing in for each simulated device's disk.
     ledger_dir = ledger_dir or tempfile.mkdtemp(prefix="fedgen-ledgers-")
-    config = {
-        "fedgen-config": cfg.to_json(),
-        "server-round": server_round,
-        "run-id": run_id,
-        "sim-ledger-dir": str(ledger_dir),
-    }
-    content = RecordDict({"arrays": ArrayRecord(weights), "config": ConfigRecord(config)})
-    # A message as the SuperNode delivers it to the ClientApp (metadata set by the runtime).
-    metadata = Metadata(
-        run_id=1,
-        message_id=f"m{server_round}",
-        src_node_id=0,
-        dst_node_id=1,
-        reply_to_message_id="",
-        group_id=str(server_round),
-        created_at=time.time(),
-        ttl=3600.0,
-        message_type="train",
+    return train_message(
+        cfg, weights, server_round, **{"run-id": run_id, "sim-ledger-dir": str(ledger_dir)}
     )
-    return Message(content, metadata=metadata)
 
 
 def _context(cfg, partition_id: int) -> Context:
