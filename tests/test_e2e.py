@@ -64,7 +64,8 @@ def test_run_directory_holds_every_file(run_dir):
         assert (run_dir / "samples" / f"round_{r:03d}.png").is_file()
     resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert resolved["federation"]["num_clients"] == CLIENTS  # every key, resolved
-    assert resolved["privacy"]["accountant"] == "rdp"
+    assert resolved["privacy"]["accountant"] == "pld"
+    assert resolved["privacy"]["neighboring"] == "replace_one"
     manifest = json.loads((run_dir / "manifest.json").read_text())
     for key in ("fedgen", "torch", "opacus", "flwr", "seed", "start_time", "end_time"):
         assert manifest[key] not in (None, ""), key
