@@ -171,6 +171,13 @@ class FederationConfig(_Section):
     round_timeout: float = Field(
         3600.0, gt=0.0, description="Seconds the server waits for replies in a round."
     )
+    first_round_timeout: float | None = Field(
+        None,
+        gt=0.0,
+        description="Seconds the server waits in the first round it runs, when every client "
+        "also starts up (processes, imports, data, noise calibration); on a busy machine "
+        "that can take far longer than a later round. Unset: round_timeout.",
+    )
     min_replies: int = Field(
         1,
         ge=1,
@@ -562,6 +569,7 @@ def _default(field: Any) -> str:
 # or the privacy plan (changing any of those would make the saved weights or the
 # clients' accounting wrong for the rest of the run).
 RESUME_SAFE = ("run.", "evaluation.", "device", "federation.round_timeout",
+               "federation.first_round_timeout",
                "federation.client_cpus", "federation.client_gpus", "federation.min_replies")  # fmt: skip
 
 

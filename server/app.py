@@ -8,7 +8,9 @@ Under `flwr run .` the run config (pyproject.toml, `--run-config`) names the exp
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
@@ -61,9 +63,11 @@ def run_federation(grid: Grid, cfg: FedgenConfig, run_dir: RunDir, resume: bool 
         # real devices use the ledger-dir of their own node config instead.
         "sim-ledger-dir": str(run_dir.path / "client-ledgers"),
     }
+    fed = cfg.federation
+    grid = FirstRoundTimeout(grid, fed.first_round_timeout or fed.round_timeout)
     try:
         strategy.start(
-            grid=grid,
+            grid=grid,  # type: ignore[arg-type]
             initial_arrays=ArrayRecord(weights),
             num_rounds=cfg.total_rounds - first_round + 1,
             timeout=cfg.federation.round_timeout,
@@ -75,6 +79,26 @@ def run_federation(grid: Grid, cfg: FedgenConfig, run_dir: RunDir, resume: bool 
         run_dir.finish(cfg, status="failed")
         raise
     run_dir.finish(cfg, status="completed")
+
+
+class FirstRoundTimeout:
+    """The grid, with a timeout of its own for the first exchange of this process.
+
+    Flower's `Strategy.start` gives every round one timeout, but the first round also waits
+    for every client to start (on a busy machine, minutes), so a timeout right for later
+    rounds would fail it, and one right for it would make every later round wait as long
+    for a client that is gone."""
+
+    def __init__(self, grid: Grid, first_timeout: float) -> None:
+        self._grid = grid
+        self._first: float | None = first_timeout
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None):
+        first, self._first = self._first, None
+        return self._grid.send_and_receive(messages, timeout=first or timeout)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
 
 
 def collect_tallies(

@@ -263,8 +263,11 @@ def build_strategy(cfg: FedgenConfig, recorder: RoundRecorder, first_round: int 
         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
             server_round += offset
             replies = list(replies)
+            waited = fed.round_timeout
+            if server_round == first_round and fed.first_round_timeout:
+                waited = fed.first_round_timeout
             updates, declined, failures, silent = split_replies(
-                replies, self._sampled, self._names, fed.round_timeout
+                replies, self._sampled, self._names, waited
             )
             missing = []
             for node in silent:  # may have trained: provisional until their history says
