@@ -41,7 +41,7 @@ class RunConfig(_Section):
         "runs", description="Parent folder of run directories (the CLI's --out picks one exactly)."
     )
     eval_every: int = Field(
-        1,
+        5,
         ge=1,
         description="Evaluate on the real test set every this many rounds (and after the "
         "last): sample grids, Frechet distance, label consistency, reconstruction metrics; "
@@ -114,7 +114,11 @@ class DataConfig(_Section):
         None, ge=1, description="Use only the first N training examples (quick runs, tests)."
     )
     glyphs_per_class: int = Field(
-        400, ge=10, le=100_000, description="Training images per class of the built-in dataset."
+        2000,
+        ge=10,
+        le=100_000,
+        description="Training images per class of the built-in dataset (drawn, so free: "
+        "more examples per client lower the noise per example at the same epsilon).",
     )
 
 
@@ -193,7 +197,7 @@ class ModelConfig(_Section):
     )
     latent_dim: int = Field(64, ge=1, le=4096, description="Generator noise dimension.")
     generator_channels: int = Field(
-        64, ge=4, le=1024, description="Generator width (channels of its 14x14 layer)."
+        32, ge=4, le=1024, description="Generator width (channels of its 14x14 layer)."
     )
     discriminator_channels: int = Field(
         32, ge=4, le=1024, description="Discriminator width (channels of its first layer)."
@@ -202,7 +206,7 @@ class ModelConfig(_Section):
         8, ge=1, description="GroupNorm groups (must divide both widths' larger layers)."
     )
     discriminator: Literal["conv", "scatter"] = Field(
-        "conv",
+        "scatter",
         description="GAN discriminator. `conv`: two trainable strided convolutions, the label "
         "as an input plane. `scatter`: fixed (untrained, so privacy-free) oriented wavelet "
         "features, as in Tramer and Boneh's ScatterNet, under a small trainable head with a "
@@ -240,7 +244,7 @@ class TrainingConfig(_Section):
         None, ge=1, description="VQ-VAE: DP-SGD steps per prior round (unset: local_steps)."
     )
     d_steps_per_g_step: int = Field(
-        5, ge=1, description="Discriminator steps between two generator steps."
+        1, ge=1, description="Discriminator steps between two generator steps."
     )
     batch_size: int = Field(
         64,
@@ -256,8 +260,8 @@ class TrainingConfig(_Section):
         "is processed in chunks and stepped once, as Opacus's BatchMemoryManager does "
         "(same result, less memory). Unset: the whole batch at once.",
     )
-    lr_discriminator: float = Field(2e-4, gt=0.0, le=1.0, description="Adam lr of D.")
-    lr_generator: float = Field(2e-4, gt=0.0, le=1.0, description="Adam lr of G.")
+    lr_discriminator: float = Field(1e-3, gt=0.0, le=1.0, description="Adam lr of D.")
+    lr_generator: float = Field(5e-4, gt=0.0, le=1.0, description="Adam lr of G.")
     beta1: float = Field(0.5, ge=0.0, lt=1.0, description="Adam beta1 of the GAN's networks.")
     mode_seeking_weight: float = Field(
         0.0,

@@ -152,7 +152,10 @@ def _one_round(cfg):
     result, _ = client_round(
         cfg, build_gan(cfg.model, seed=0).state_dict(), data, plan_privacy(cfg, len(data)), seed=5
     )
-    return result.state_dict["discriminator.head.weight"]
+    # Every weight DP-SGD trained (the discriminator's), whatever its architecture.
+    return torch.cat(
+        [v.flatten() for k, v in result.state_dict.items() if k.startswith("discriminator.")]
+    )
 
 
 def test_dp_noise_is_secret_unless_reproducibility_is_asked_for():
