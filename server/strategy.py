@@ -27,6 +27,7 @@ from flwr.serverapp.strategy import (
 )
 
 from fedgen.config import FedgenConfig
+from fedgen.policy import FAILURE_CODES
 from fedgen.rounds import RoundRecorder
 from fedgen.updates import check_update, max_weight_change
 
@@ -155,8 +156,6 @@ def split_replies(
 
 def _code(value: Any) -> str:
     """A device's failure code, kept only when it is one of the fixed codes."""
-    from fedgen.policy import FAILURE_CODES
-
     return str(value) if str(value) in FAILURE_CODES else "unknown-code"
 
 
