@@ -211,6 +211,10 @@ class PrivacyLedger:
         """Continue from the `clients` and `rounds` of a saved server state (resume);
         a client whose history in `reported` (a later report) is longer keeps that one."""
         self.clients = {str(k): dict(v) for k, v in saved["clients"].items()}
+        for client in self.clients.values():  # state saved before these fields existed
+            client.setdefault("provisional", [])
+            client.setdefault("anomalies", [])
+            client.setdefault("tally", "reported")
         self.rounds = [dict(r) for r in saved["rounds"]]
         self.unidentified = {str(k): list(v) for k, v in saved.get("unidentified", {}).items()}
         spending = ("epsilon", "reported_epsilon", "steps", "history", "lost_history",
