@@ -11,6 +11,7 @@ one at a time, so two overlapping messages can never both train on one reading o
 from __future__ import annotations
 
 import contextlib
+import copy
 import fcntl
 import json
 import os
@@ -18,7 +19,7 @@ import re
 import secrets
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,9 @@ def _now() -> str:
 class DeviceLedger:
     folder: Path
     client_id: str
+    # While the lock is held nobody else writes the file: read it once, not per question.
+    _held: dict[str, Any] | None = field(default=None, init=False, repr=False, compare=False)
+    _locked: bool = field(default=False, init=False, repr=False, compare=False)
 
     @property
     def path(self) -> Path:
@@ -81,13 +85,23 @@ class DeviceLedger:
         self.folder.mkdir(parents=True, exist_ok=True)
         with open(self.folder / f"{_safe(self.client_id)}.lock", "a") as fh:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            self._locked = True
             try:
                 yield
             finally:
+                self._locked, self._held = False, None
                 fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
     def read(self) -> dict[str, Any]:
         """The ledger's content (an empty ledger when this device never trained)."""
+        if self._held is not None:
+            return copy.deepcopy(self._held)
+        content = self._read()
+        if self._locked:
+            self._held = copy.deepcopy(content)
+        return content
+
+    def _read(self) -> dict[str, Any]:
         path = self.path
         if not path.exists():
             return {"format": LEDGER_FORMAT, "client_id": self.client_id, "runs": {}}
@@ -211,6 +225,7 @@ class DeviceLedger:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        self._held = copy.deepcopy(content) if self._locked else None
         return content
 
 
