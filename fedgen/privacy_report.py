@@ -265,7 +265,7 @@ class PrivacyLedger:
             "local_steps_per_round": self.cfg.training.local_steps,
             "planned_steps": self.cfg.planned_steps,
             "rounds": self.rounds,
-            "clients": dict(sorted(self.clients.items(), key=lambda kv: _client_sort_key(kv[0]))),
+            "clients": dict(sorted(self.clients.items(), key=lambda kv: client_sort_key(kv[0]))),
             "unidentified_nodes": self.unidentified,
             "recompute": recompute_recipe(p.accountant, p.neighboring),
         }
@@ -287,7 +287,7 @@ def _public(cfg: FedgenConfig) -> list[str]:
     ]
 
 
-def _client_sort_key(cid: str) -> tuple[int, str]:
+def client_sort_key(cid: str) -> tuple[int, str]:
     return (int(cid), "") if cid.isdigit() else (1 << 62, cid)
 
 

@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from fedgen.config import FedgenConfig
 from fedgen.privacy_report import (
     PrivacyLedger,
-    _client_sort_key,
+    client_sort_key,
     format_privacy_table,
     load_privacy_report,
     privacy_markdown,
@@ -339,7 +339,7 @@ def _plot_epsilon(report: dict[str, Any], path: Path) -> None:
             xs, ys = series.setdefault(cid, ([], []))
             xs.append(entry["round"])
             ys.append(eps)
-    for cid, (xs, ys) in sorted(series.items(), key=lambda kv: _client_sort_key(kv[0])):
+    for cid, (xs, ys) in sorted(series.items(), key=lambda kv: client_sort_key(kv[0])):
         ax.plot(xs, ys, marker="o", label=f"client {cid}")
     ax.axhline(report["target_epsilon"], color="black", linestyle="--", label="target")
     ax.set_xlabel("round")

@@ -16,7 +16,7 @@ from fedgen.config import FedgenConfig
 from fedgen.data import NUM_CLASSES, Dataset, federated_partitions, load_dataset, to_tensors
 from fedgen.evaluation import Evaluator
 from fedgen.models import build_model
-from fedgen.policy import Decline, DevicePolicy, accounting_size, plan_for
+from fedgen.policy import DECLINE_CODES, Decline, DevicePolicy, check_request, plan_for
 from fedgen.privacy import HistoryEntry, epsilon_of
 from fedgen.reports import PrivacyLedger, RunDir, plot_quality
 from fedgen.training import LocalResult, resolve_device, train_dp_locally, train_gan_locally
@@ -85,14 +85,13 @@ def preflight(cfg: FedgenConfig) -> tuple[list[int], ClientPrivacyState, list[st
     sizes = [len(p) for p in federated_partitions(cfg, data.labels, cfg.federation.num_clients)]
     smallest = min(sizes)
     p = cfg.privacy
-    n = accounting_size(DevicePolicy.from_config(cfg), smallest)
-    if p.enabled and p.delta >= 1.0 / n:
+    try:  # the checks every device makes, run once here for the smallest client
+        check_request(DevicePolicy.from_config(cfg), cfg, smallest)
+    except Decline as decline:
         raise ValueError(
-            f"privacy.delta={p.delta:g} is not below 1/n={1.0 / n:.2g} (n={n}, the "
-            + ("declared public_num_examples" if p.neighboring == "add_remove" else "smallest client")
-            + "): such a delta permits leaking whole examples, and every device refuses it; "
-            "lower the delta"
-        )
+            f"{DECLINE_CODES[decline.code]} ({decline.detail}); every client would refuse "
+            "this config: change it"
+        ) from None
     plan = plan_privacy(cfg, smallest)
     notices = []
     if p.enabled and p.reproducible_noise:
@@ -320,8 +319,7 @@ class RoundRecorder:
         return line
 
     def record_tallies(self, tallies: list[tuple[str, dict[str, Any]]]) -> None:
-        """Settle provisional clients from their end-of-run tallies and rewrite the report
-        (and the saved server state, so a resume sees the same)."""
+        """Settle provisional clients from their end-of-run tallies and rewrite the report."""
         for label, tally in tallies:
             self.ledger.record_tally(label, tally)
         self.run_dir.write_privacy_report(self.ledger)
