@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,6 +28,7 @@ from fedgen.policy import (
     check_round,
     plan_for,
 )
+from fedgen.reports import CheckpointError, load_checkpoint, save_tensors
 from fedgen.rounds import ClientPrivacyState, client_round, client_seed
 
 __all__ = ["DeviceReply", "device_round", "close_run", "failure_code", "log"]
@@ -59,6 +61,23 @@ def failure_code(err: BaseException) -> str:
 
 def _state(run: dict[str, Any]) -> ClientPrivacyState:
     return ClientPrivacyState.from_plain(run)
+
+
+def _optimizer_path(ledger: DeviceLedger) -> Path:
+    return ledger.reply_path.with_name(ledger.path.stem + ".optimizer.safetensors")
+
+
+def _kept_optimizer(ledger: DeviceLedger, run_id: str) -> dict[str, torch.Tensor] | None:
+    """The optimizer state this device kept from its last round of `run_id` (it never
+    leaves the device); None when there is none or it belongs to another run."""
+    path = _optimizer_path(ledger)
+    if not path.exists():
+        return None
+    try:
+        tensors, metadata = load_checkpoint(path, with_metadata=True)
+    except CheckpointError:
+        return None  # a damaged file only costs the moments: the round starts them afresh
+    return tensors if metadata.get("run_id") == run_id else None
 
 
 def device_round(
@@ -120,6 +139,7 @@ def device_round(
             client_seed(cfg.seed, seed_index, server_round),
             proximal_mu,
             server_round,
+            _kept_optimizer(ledger, run_id) if cfg.training.keep_optimizer_state else None,
         )
         # Its epsilon is the policy's: delta, relation and accountant were checked equal.
         metrics = dict(result.metrics)
@@ -135,6 +155,8 @@ def device_round(
             server_round=server_round,
             reply=(result.state_dict, metrics),
         )
+        if cfg.training.keep_optimizer_state and result.optimizer_state:
+            save_tensors(_optimizer_path(ledger), result.optimizer_state, {"run_id": run_id})
         return DeviceReply("trained", privacy, result.state_dict, metrics)
 
 

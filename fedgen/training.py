@@ -49,6 +49,8 @@ __all__ = [
     "generator_step",
     "mode_seeking_penalty",
     "train_gan_locally",
+    "export_adam",
+    "import_adam",
 ]
 
 ExtraGrads = Callable[[list[nn.Parameter]], list[torch.Tensor]]
@@ -67,6 +69,51 @@ class LocalResult:
     state_dict: dict[str, torch.Tensor]
     metrics: dict[str, float]
     history: list[HistoryEntry] = field(default_factory=list)
+    # The client's optimizer state after the round (flat tensors), for the client to keep;
+    # it is never sent (see `export_adam`).
+    optimizer_state: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def export_adam(optimizer: torch.optim.Optimizer, prefix: str) -> dict[str, torch.Tensor]:
+    """Adam's per-parameter state as flat tensors `<prefix>.<index>.<name>`.
+
+    Built only from the gradients the optimizer stepped with: under DP, clipped and noised
+    ones (the discriminator) or post-processing ones (the generator), so a client may keep
+    it across rounds; it stays on the client all the same."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    out: dict[str, torch.Tensor] = {}
+    for i, p in enumerate(params):
+        for name, value in optimizer.state.get(p, {}).items():
+            t = value if torch.is_tensor(value) else torch.tensor(float(value))
+            out[f"{prefix}.{i}.{name}"] = t.detach().cpu().clone()
+    return out
+
+
+def import_adam(
+    optimizer: torch.optim.Optimizer, prefix: str, flat: dict[str, torch.Tensor]
+) -> None:
+    """Load what `export_adam` wrote, if it matches this optimizer's parameters; a state
+    from another model shape is ignored (the optimizer starts afresh)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state: dict[nn.Parameter, dict[str, torch.Tensor]] = {}
+    for i, p in enumerate(params):
+        entry = {
+            key.rsplit(".", 1)[1]: value
+            for key, value in flat.items()
+            if key.startswith(f"{prefix}.{i}.")
+        }
+        if not entry:
+            return
+        for name in ("exp_avg", "exp_avg_sq"):
+            if name in entry and entry[name].shape != p.shape:
+                return
+        # Copies: Adam updates its state in place. The step count stays on the CPU (Adam
+        # keeps it there unless it is capturable or fused).
+        state[p] = {
+            k: v.clone() if k == "step" else v.to(p.device, copy=True) for k, v in entry.items()
+        }
+    for p, entry in state.items():
+        optimizer.state[p] = entry
 
 
 @contextlib.contextmanager
@@ -133,6 +180,26 @@ def _bce(logits: torch.Tensor, target: float) -> torch.Tensor:
     return _bce_terms(logits, target) / max(1, logits.shape[0])
 
 
+def _d_terms(logits: torch.Tensor, real: bool, loss: str) -> torch.Tensor:
+    """The discriminator's summed loss on rows that are all real or all generated."""
+    if loss == "hinge":
+        return F.relu(1.0 - logits).sum() if real else F.relu(1.0 + logits).sum()
+    return _bce_terms(logits, 1.0 if real else 0.0)
+
+
+def _g_loss(logits: torch.Tensor, loss: str) -> torch.Tensor:
+    """The generator's mean loss on its own images (non-saturating, or hinge's -D)."""
+    if loss == "hinge":
+        return -logits.sum() / max(1, logits.shape[0])
+    return _bce(logits, 1.0)
+
+
+def _noisy(images: torch.Tensor, std: float) -> torch.Tensor:
+    # Instance noise: per image, independent of every other row, so per-example
+    # gradients (and their sensitivity) are unchanged in kind.
+    return images + std * torch.randn_like(images) if std > 0 else images
+
+
 def _split_fake_rows(
     params: list[nn.Parameter], n_real: int, max_norm: float
 ) -> list[torch.Tensor]:
@@ -175,6 +242,8 @@ def discriminator_step(
     fake_labels: torch.Tensor | None = None,
     extra_grads: ExtraGrads | None = None,
     physical_batch_size: int | None = None,
+    loss_kind: str = "nonsaturating",
+    instance_noise: float = 0.0,
 ) -> float:
     """One discriminator update on a real batch (and optionally a fake one).
 
@@ -198,10 +267,10 @@ def discriminator_step(
     public: list[torch.Tensor] | None = None
     for i, ((r, r_labels), (f, f_labels)) in enumerate(zip(real_parts, fake_parts, strict=True)):
         nr, nf = r.shape[0], f.shape[0]
-        logits = disc(torch.cat([r, f]), torch.cat([r_labels, f_labels]))
-        fake_sum = _bce_terms(logits[nr:], 0.0)
+        logits = disc(_noisy(torch.cat([r, f]), instance_noise), torch.cat([r_labels, f_labels]))
+        fake_sum = _d_terms(logits[nr:], False, loss_kind)
         fake_loss += float(fake_sum.detach())
-        real_sum = _bce_terms(logits[:nr], 1.0)
+        real_sum = _d_terms(logits[:nr], True, loss_kind)
         if is_dp:
             # Sum over rows / rows: Opacus rescales by the rows of the pass, so each row's
             # grad_sample is exactly that example's gradient (and an empty real batch is 0).
@@ -250,9 +319,11 @@ def generator_step(
     num_classes: int,
     extra_grads: ExtraGrads | None = None,
     mode_seeking_weight: float = 0.0,
+    loss_kind: str = "nonsaturating",
+    instance_noise: float = 0.0,
 ) -> float:
-    """One non-saturating generator update through the (frozen) discriminator, plus the
-    mode-seeking term when its weight is positive. Returns the adversarial loss."""
+    """One generator update through the (frozen) discriminator, plus the mode-seeking term
+    when its weight is positive. Returns the adversarial loss."""
     device = next(generator.parameters()).device
     d_params = [p for p in disc.parameters() if p.requires_grad]
     for p in d_params:
@@ -267,7 +338,7 @@ def generator_step(
         z = torch.randn(batch_size, generator.latent_dim, device=device)
         with _hooks_off(disc):
             fake = generator(z, labels)
-            loss = _bce(disc(fake, labels), 1.0)
+            loss = _g_loss(disc(_noisy(fake, instance_noise), labels), loss_kind)
             total = loss
             if seek_modes:
                 total = loss + mode_seeking_weight * mode_seeking_penalty(fake, z)
@@ -290,6 +361,25 @@ def _proximal(mu: float, anchors: dict[int, torch.Tensor]) -> ExtraGrads | None:
     return lambda params: [mu * (p.detach() - anchors[id(p)]) for p in params]
 
 
+class GeneratorEMA:
+    """An exponential moving average of the generator's parameters over its local steps.
+    It reads only the generator's weights, which are post-processing of DP outputs."""
+
+    def __init__(self, generator: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.shadow = [p.detach().clone() for p in generator.parameters()]
+
+    @torch.no_grad()
+    def update(self, generator: nn.Module) -> None:
+        for s, p in zip(self.shadow, generator.parameters(), strict=True):
+            s.lerp_(p.detach(), 1.0 - self.decay)
+
+    @torch.no_grad()
+    def copy_to(self, generator: nn.Module) -> None:
+        for s, p in zip(self.shadow, generator.parameters(), strict=True):
+            p.copy_(s)
+
+
 def _batches(loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     while True:
         yield from loader
@@ -307,11 +397,13 @@ def train_gan_locally(
     seed: int,
     proximal_mu: float = 0.0,
     sample_rate: float | None = None,
+    optimizer_state: dict[str, torch.Tensor] | None = None,
 ) -> LocalResult:
     """Train `model` for `training.local_steps` discriminator steps on one client's data.
 
     `history` is the client's accountant history before this round; the result's history
-    covers this round too."""
+    covers this round too. `optimizer_state`: the client's Adam state from its previous
+    round (`LocalResult.optimizer_state`), to continue rather than restart the moments."""
     torch.manual_seed(seed)
     model.to(device).train()
     gen, disc = model.generator, model.discriminator
@@ -322,6 +414,9 @@ def train_gan_locally(
         disc.parameters(), lr=training.lr_discriminator, betas=betas
     )
     g_opt = torch.optim.Adam(gen.parameters(), lr=training.lr_generator, betas=betas)
+    if optimizer_state:
+        import_adam(d_opt, "d", optimizer_state)
+        import_adam(g_opt, "g", optimizer_state)
     d_module, d_opt, batches, record = _maybe_private(
         disc,
         d_opt,
@@ -334,6 +429,7 @@ def train_gan_locally(
         sample_rate,
     )
     d_losses, g_losses = [], []
+    ema = GeneratorEMA(gen, training.generator_ema) if training.generator_ema > 0 else None
     try:
         for step in range(training.local_steps):
             real, real_labels = next(batches)
@@ -353,9 +449,13 @@ def train_gan_locally(
                     fake_labels,
                     prox,
                     training.physical_batch_size,
+                    training.gan_loss,
+                    training.instance_noise,
                 )
             )
-            if (step + 1) % training.d_steps_per_g_step == 0:
+            if (step + 1) % training.d_steps_per_g_step != 0:
+                continue
+            for _ in range(training.g_steps_per_d_step):
                 g_losses.append(
                     generator_step(
                         gen,
@@ -365,11 +465,17 @@ def train_gan_locally(
                         model.num_classes,
                         prox,
                         training.mode_seeking_weight,
+                        training.gan_loss,
+                        training.instance_noise,
                     )
                 )
+                if ema is not None:
+                    ema.update(gen)
     finally:
         if isinstance(d_module, GradSampleModule):
             d_module._close()  # remove Opacus hooks so the model is plain again
+    if ema is not None:
+        ema.copy_to(gen)
     new_history = _history_after(record, history)
     metrics = {
         "d_loss_fake": sum(d_losses) / len(d_losses),
@@ -378,7 +484,9 @@ def train_gan_locally(
         "g_steps": float(len(g_losses)),
     }
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return LocalResult(state, metrics, new_history)
+    d_plain = d_opt.original_optimizer if isinstance(d_opt, DPOptimizer) else d_opt
+    kept = export_adam(d_plain, "d") | export_adam(g_opt, "g")
+    return LocalResult(state, metrics, new_history, kept)
 
 
 LossFn = Callable[..., torch.Tensor]

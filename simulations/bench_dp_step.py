@@ -3,8 +3,10 @@
 Both run in this process on the same batches; trials alternate between the two so that
 machine noise hits both alike, and the medians are compared. `--model` picks what a step
 is:
-  gan    fedgen's `discriminator_step` (a real and an equal fake batch; DP: per-example
-         clipping of both, noise on the real rows)
+  gan          fedgen's `discriminator_step` (a real and an equal fake batch; DP:
+               per-example clipping of both, noise on the real rows), conv discriminator
+  gan-scatter  the same step with the quickstart's ScatterNet discriminator (fixed
+               wavelet features, trained head); compare its samples/s with `gan`'s
   vqvae  one Adam step of the VQ-VAE loss on a batch of images (DP: every parameter)
   prior  one Adam step of the code prior's loss on a batch of 7x7 code grids
 
@@ -34,7 +36,7 @@ from opacus.optimizers import DPOptimizer
 
 from fedgen.config import ModelConfig
 from fedgen.dp_sgd import make_private
-from fedgen.models import Discriminator
+from fedgen.models import Discriminator, ScatterDiscriminator
 from fedgen.secure_random import SecureRandom
 from fedgen.training import discriminator_step, resolve_device
 from fedgen.vqvae import VQVAE, CodePrior, prior_loss, vqvae_loss
@@ -45,6 +47,8 @@ Batch = tuple[torch.Tensor, ...]
 def _module(kind: str, cfg: ModelConfig) -> torch.nn.Module:
     if kind == "gan":
         return Discriminator(cfg.discriminator_channels, 10, cfg.groups)
+    if kind == "gan-scatter":
+        return ScatterDiscriminator(10, cfg.discriminator_hidden, cfg.discriminator_head)
     return VQVAE(cfg) if kind == "vqvae" else CodePrior(cfg, 10)
 
 
@@ -56,7 +60,7 @@ def _setup(
 ) -> Callable[[Batch], None]:
     torch.manual_seed(0)
     module = _module(kind, cfg).to(device)
-    lr = 2e-4 if kind == "gan" else 1e-3
+    lr = 2e-4 if kind.startswith("gan") else 1e-3
     opt: torch.optim.Optimizer = torch.optim.Adam(module.parameters(), lr=lr)
     wrapped: torch.nn.Module = module
     if variant != "plain":
@@ -75,7 +79,7 @@ def _setup(
             opt.add_noise = types.MethodType(DPOptimizer.add_noise, opt)
 
     def step(b: Batch) -> None:
-        if kind == "gan":
+        if kind.startswith("gan"):
             discriminator_step(wrapped, opt, *b)
             return
         opt.zero_grad(set_to_none=True)
@@ -95,7 +99,7 @@ def _batches(kind: str, cfg: ModelConfig, n: int, size: int, device: torch.devic
     def labels() -> torch.Tensor:
         return torch.randint(0, 10, (size,), generator=gen).to(device)
 
-    if kind == "gan":
+    if kind.startswith("gan"):
         return [(images(), labels(), images(), labels()) for _ in range(n)]
     if kind == "vqvae":
         return [(images(),) for _ in range(n)]
@@ -117,7 +121,7 @@ def _trial(step: Callable[[Batch], None], batches: list[Batch], device: torch.de
 def main() -> None:
     warnings.filterwarnings("ignore", message="Secure RNG turned off")
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--model", choices=["gan", "vqvae", "prior"], default="gan")
+    ap.add_argument("--model", choices=["gan", "gan-scatter", "vqvae", "prior"], default="gan")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--steps", type=int, default=20, help="steps per trial")
     ap.add_argument("--trials", type=int, default=5)

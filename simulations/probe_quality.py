@@ -91,14 +91,22 @@ def run_probe(cfg: FedgenConfig, args: argparse.Namespace) -> dict[str, Any]:
     epsilons = [0.0] * len(shards)
     curve: list[dict] = []
     train_seconds = 0.0
+    kept: list[dict[str, torch.Tensor]] = [{} for _ in shards]  # each client's optimizer
     for rnd in range(1, cfg.federation.rounds + 1):
         started = time.perf_counter()
         states, sizes = [], []
         for i, shard in enumerate(shards):
             seed = client_seed(cfg.seed, i, rnd)
             result, plans[i] = client_round(
-                cfg, global_state, shard, plans[i], seed, server_round=rnd
+                cfg,
+                global_state,
+                shard,
+                plans[i],
+                seed,
+                server_round=rnd,
+                optimizer_state=kept[i],
             )
+            kept[i] = result.optimizer_state
             states.append(result.state_dict)
             # The product's own figure (its accountant and neighbouring relation).
             epsilons[i] = float(result.metrics.get("epsilon", 0.0))
