@@ -1,4 +1,8 @@
-"""`fedgen` command line: simulate, report, sample, evaluate, certs, config-reference."""
+"""`fedgen` command line.
+
+Only the standard library is imported at the top: torch, opacus, Flower and matplotlib are
+imported inside the commands that use them, so `fedgen --help` and `fedgen --version`
+answer at once."""
 
 from __future__ import annotations
 
@@ -7,26 +11,19 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from fedgen.config import (
-    ConfigError,
-    FedgenConfig,
-    config_reference_markdown,
-    load_config,
-    resumable_config,
-)
-from fedgen.data import DataError
-from fedgen.reports import (
-    CheckpointError,
-    RunDir,
-    format_privacy_table,
-    load_privacy_report,
-    write_atomic,
-)
-from fedgen.rounds import preflight
+if TYPE_CHECKING:
+    from fedgen.config import FedgenConfig
+    from fedgen.reports import RunDir
 
 
 def _simulate(args: argparse.Namespace) -> int:
+    from fedgen.config import load_config, resumable_config
+    from fedgen.console import RunConsole, plural
+    from fedgen.reports import RunDir, format_privacy_table, load_privacy_report, write_atomic
+    from fedgen.rounds import preflight
+
     if args.resume:
         if args.out:
             raise ValueError("--resume continues the run in its own directory; drop --out")
@@ -46,16 +43,22 @@ def _simulate(args: argparse.Namespace) -> int:
     else:
         run_dir = RunDir.create(cfg, args.out)
     source = args.config or "built-in quickstart (glyphs)"
+    fed = cfg.federation
     print(f"[fedgen] config: {source}")
+    sampled = max(int(fed.num_clients * fed.fraction_train), fed.min_train_clients)
     print(
-        f"[fedgen] {cfg.data.dataset}: {len(sizes)} clients ({cfg.federation.partition}), "
-        f"{min(sizes)}-{max(sizes)} examples each; {cfg.total_rounds} rounds"
+        f"[fedgen] {cfg.data.dataset}: {plural(len(sizes), 'client')} ({fed.partition}), "
+        f"{min(sizes)}-{max(sizes)} examples each"
+        + (f", {sampled} sampled per round" if sampled < len(sizes) else "")
+        + f"; {plural(cfg.total_rounds, 'round')}"
+        + (f" ({fed.prior_rounds} of them the prior's)" if fed.prior_rounds else "")
+        + f", {plural(cfg.planned_steps, 'DP step')} planned per client "
+        f"({cfg.training.local_steps} per round"
         + (
-            f" ({cfg.federation.prior_rounds} of them the prior's)"
-            if cfg.federation.prior_rounds
-            else ""
+            f", {cfg.local_steps_for('prior')} per prior round)"
+            if fed.prior_rounds and cfg.local_steps_for("prior") != cfg.training.local_steps
+            else ")"
         )
-        + f", {cfg.planned_steps} DP steps planned per client"
     )
     if cfg.privacy.enabled:
         print(
@@ -65,14 +68,37 @@ def _simulate(args: argparse.Namespace) -> int:
         )
     else:
         print("[fedgen] privacy: DISABLED (non-private baseline)")
-    print(f"[fedgen] run directory: {run_dir.path}", flush=True)
-    # The Flower adapters are imported here, not at the top: the library itself does not
-    # depend on Flower, only this command does.
-    from server.simulation import simulate
+    print(f"[fedgen] run directory: {run_dir.path}")
+    log_path = run_dir.path / "simulation.log"
+    print(
+        f"[fedgen] Flower's and Ray's log: {log_path}"
+        + ("" if args.verbose else " (--verbose shows it here too)"),
+        flush=True,
+    )
+    failure: Exception | None = None
+    with RunConsole(log_path, cfg.total_rounds, verbose=args.verbose) as console:
+        # Imported here, not at the top: the library does not depend on Flower, only this
+        # command does; and inside the console, so what Flower and Ray print goes to the log.
+        from server.simulation import simulate
 
-    # A finished run has nothing left to train: say so without starting Ray.
-    if not (args.resume and run_dir.finish_if_done(cfg, run_dir.resume_point()[0])):
-        simulate(cfg, run_dir, resume=bool(args.resume))
+        # A finished run has nothing left to train: say so without starting Ray.
+        if not (args.resume and run_dir.finish_if_done(cfg, run_dir.resume_point()[0])):
+            try:
+                simulate(cfg, run_dir, resume=bool(args.resume), progress=console)
+            except KeyboardInterrupt:
+                console.say(
+                    f"[fedgen] interrupted; `fedgen simulate --resume {run_dir.path}` continues "
+                    "from the last completed round"
+                )
+                raise
+            except Exception as err:
+                console.log_exception(err)
+                failure = err
+    if failure is not None:
+        raise RunFailed(
+            f"the simulation stopped: {failure}. The traceback and Flower's and Ray's account "
+            f"are in {log_path}; {run_dir.path} holds what was written"
+        ) from failure
     report = load_privacy_report(run_dir.path)
     print()
     print(format_privacy_table(report))
@@ -88,7 +114,14 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+class RunFailed(RuntimeError):
+    """A simulation that started and did not complete: one line on the console (exit code
+    1), the details in its log."""
+
+
 def _report(args: argparse.Namespace) -> int:
+    from fedgen.reports import format_privacy_table, load_privacy_report
+
     path = Path(args.run_dir)
     if path.is_file() and path.suffix == ".json" or (path.is_dir() and _is_ledger_dir(path)):
         return _report_ledgers(path)
@@ -162,6 +195,9 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _load_run(path: str, overrides: list[str] | None = None) -> tuple[RunDir, FedgenConfig]:
+    from fedgen.config import load_config
+    from fedgen.reports import RunDir
+
     run = RunDir(path)
     cfg_path = run.path / "config.yaml"
     if not cfg_path.is_file():
@@ -178,7 +214,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     from fedgen.evaluation import Evaluator
     from fedgen.models import build_model
-    from fedgen.reports import format_evaluation_table, write_atomic
+    from fedgen.reports import format_evaluation_table, load_privacy_report, write_atomic
 
     run, cfg = _load_run(args.run_dir, args.set)
     round_, state = run.checkpoint(args.checkpoint)
@@ -239,6 +275,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _config_reference(args: argparse.Namespace) -> int:
+    from fedgen.config import config_reference_markdown
+
     text = config_reference_markdown()
     if args.out:
         Path(args.out).write_text(text)
@@ -247,51 +285,149 @@ def _config_reference(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedgen", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows an option's default where it has one worth showing (not None, False or an
+    empty list), and keeps the examples' line breaks."""
 
-    sim = sub.add_parser("simulate", help="run a simulated federation (Flower + Ray)")
-    sim.add_argument("config", nargs="?", help="YAML experiment (default: built-in quickstart)")
-    sim.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting"
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        default = action.default
+        if default is None or default is False or default == [] or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _Version(argparse.Action):
+    """`--version`: the installed package's version, read only when asked for."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs: Any):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        from importlib import metadata
+
+        try:
+            version = metadata.version("fedgen")
+        except metadata.PackageNotFoundError:  # run from a source tree that is not installed
+            from fedgen import __version__ as version
+        print(f"fedgen {version}")
+        parser.exit()
+
+
+def add_command(
+    sub: Any, name: str, summary: str, examples: list[str], handler: Any
+) -> argparse.ArgumentParser:
+    """A subcommand whose --help shows defaults and ends with `examples`."""
+    cmd = sub.add_parser(
+        name,
+        help=summary,
+        description=summary[0].upper() + summary[1:] + ".",
+        epilog="examples:\n" + "\n".join(f"  {line}" for line in examples),
+        formatter_class=_HelpFormatter,
     )
-    sim.add_argument("--out", help="run directory (default: run.out_dir/NAME-TIMESTAMP)")
+    cmd.set_defaults(func=handler)
+    return cmd
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedgen",
+        description="Federated, differentially private training of image generators "
+        "(Flower + Opacus), and the reports that go with it.",
+        epilog="Run 'fedgen COMMAND --help' for a command's options and examples.",
+        formatter_class=_HelpFormatter,
+    )
+    parser.add_argument("--version", action=_Version, help="print fedgen's version and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sim = add_command(
+        sub,
+        "simulate",
+        "run a simulated federation (Flower + Ray) on this machine",
+        [
+            "fedgen simulate --out runs/quickstart",
+            "fedgen simulate configs/mnist_gan.yaml --set data.root=../shared/data/mnist",
+            "fedgen simulate --resume runs/quickstart",
+        ],
+        _simulate,
+    )
+    sim.add_argument(
+        "config",
+        nargs="?",
+        help="YAML experiment, e.g. configs/mnist_gan.yaml (default: the built-in quickstart "
+        "on drawn glyphs, nothing to download)",
+    )
+    sim.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one setting, e.g. training.local_steps=10 (repeatable; every key is "
+        "in docs/CONFIG.md)",
+    )
+    sim.add_argument(
+        "--out", help="run directory, exactly (default: run.out_dir/run.name-TIMESTAMP)"
+    )
     sim.add_argument(
         "--resume",
         metavar="RUN_DIR",
         help="continue a stopped run from its last intact round (its own config; --set may "
         "change only settings that keep it sound, e.g. run.*, evaluation.*, device)",
     )
-    sim.set_defaults(func=_simulate)
-
-    rep = sub.add_parser(
-        "report",
-        help="print the epsilon report of a run, or a device's privacy ledger (file or folder)",
+    sim.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also show Flower's and Ray's log on the console (it always goes to "
+        "RUN_DIR/simulation.log)",
     )
-    rep.add_argument("run_dir", metavar="PATH")
-    rep.set_defaults(func=_report)
 
-    smp = sub.add_parser("sample", help="generate a class-conditional grid from a run")
-    smp.add_argument("run_dir")
+    rep = add_command(
+        sub,
+        "report",
+        "print the epsilon report of a run, or a device's privacy ledger (file or folder)",
+        ["fedgen report runs/quickstart", "fedgen report /var/lib/fedgen/ledgers"],
+        _report,
+    )
+    rep.add_argument(
+        "run_dir",
+        metavar="PATH",
+        help="a run directory (its privacy_report.json), or a device's ledger file or "
+        "ledger folder (each run's and the lifetime epsilon)",
+    )
+
+    smp = add_command(
+        sub,
+        "sample",
+        "generate a class-conditional grid of images from a run's released weights",
+        [
+            "fedgen sample runs/quickstart --n 20 --out grid.png",
+            "fedgen sample runs/quickstart --label 3 --n 16 --out three.png",
+        ],
+        _sample,
+    )
+    smp.add_argument("run_dir", metavar="RUN_DIR", help="a run directory of fedgen simulate")
     smp.add_argument(
         "--n",
         type=int,
         default=64,
-        help="samples; without --label, ceil(n/10) per class, one row per class (default 64)",
+        help="how many images; without --label, ceil(n/10) per class, one row per class",
     )
-    smp.add_argument("--out", default="samples.png", help="PNG to write")
-    smp.add_argument("--label", type=int, help="only this class (default: one row per class)")
+    smp.add_argument("--out", default="samples.png", help="PNG file to write")
+    smp.add_argument("--label", type=int, help="only this class, 0..9 (default: every class)")
     smp.add_argument("--checkpoint", type=int, help="round to load (default: the latest)")
     smp.add_argument("--seed", type=int, default=0, help="seed of the latent noise")
-    smp.set_defaults(func=_sample)
 
-    ev = sub.add_parser(
+    ev = add_command(
+        sub,
         "evaluate",
-        help="measure sample quality of a run (Frechet distance, label consistency, "
+        "measure the sample quality of a run (Frechet distance, label consistency, "
         "downstream accuracy) and write evaluation.json",
+        [
+            "fedgen evaluate runs/quickstart",
+            "fedgen evaluate runs/quickstart --checkpoint 3 --out runs/quickstart/eval3.json",
+        ],
+        _evaluate,
     )
-    ev.add_argument("run_dir")
+    ev.add_argument("run_dir", metavar="RUN_DIR", help="a run directory of fedgen simulate")
     ev.add_argument("--checkpoint", type=int, help="round to load (default: the latest)")
     ev.add_argument(
         "--set",
@@ -300,46 +436,70 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a setting of the run's config (e.g. evaluation.downstream_epochs=5)",
     )
-    ev.add_argument("--out", help="JSON to write (default: RUN_DIR/evaluation.json)")
-    ev.set_defaults(func=_evaluate)
+    ev.add_argument("--out", help="JSON file to write (default: RUN_DIR/evaluation.json)")
 
-    crt = sub.add_parser(
+    crt = add_command(
+        sub,
         "certs",
-        help="make a CA, a SuperLink TLS certificate and SuperNode key pairs for trying out "
+        "make a CA, a SuperLink TLS certificate and SuperNode key pairs for trying out "
         "a deployment (production: bring your own)",
+        ["fedgen certs certificates --supernodes 2 --host superlink.example.org"],
+        _certs,
     )
-    crt.add_argument("dir", help="folder to write them into")
+    crt.add_argument("dir", metavar="DIR", help="folder to write them into")
     crt.add_argument(
         "--host",
         action="append",
         default=[],
         help="name or IP address the SuperLink is reached at (repeatable; "
-        "default localhost, 127.0.0.1, ::1)",
+        "default: localhost, 127.0.0.1, ::1)",
     )
     crt.add_argument(
         "--supernodes", type=int, default=0, help="SuperNode authentication key pairs to make"
     )
     crt.add_argument("--overwrite", action="store_true", help="replace files already there")
-    crt.set_defaults(func=_certs)
 
-    ref = sub.add_parser("config-reference", help="print the reference of every config key")
+    ref = add_command(
+        sub,
+        "config-reference",
+        "print the reference of every config key (docs/CONFIG.md)",
+        ["fedgen config-reference --out docs/CONFIG.md"],
+        _config_reference,
+    )
     ref.add_argument("--out", help="write to this file instead of stdout")
-    ref.set_defaults(func=_config_reference)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args))
-    except (
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors that mean bad input or a bad run directory: one line, exit code 2. Imported
+    only when something failed, so the commands that need none of them stay light."""
+    from fedgen.config import ConfigError
+    from fedgen.data import DataError
+    from fedgen.reports import CheckpointError
+
+    return (
         ConfigError,
         DataError,
         CheckpointError,
         ValueError,
         FileNotFoundError,
         FileExistsError,
-    ) as err:
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        print("fedgen: interrupted", file=sys.stderr)
+        return 130
+    except RunFailed as err:
+        print(f"fedgen: error: {err}", file=sys.stderr)
+        return 1
+    except Exception as err:
+        if not isinstance(err, _user_errors()):
+            raise
         print(f"fedgen: error: {err}", file=sys.stderr)
         return 2
 

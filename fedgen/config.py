@@ -127,11 +127,13 @@ class FederationConfig(_Section):
     rounds: int = Field(
         5, ge=1, le=100_000, description="Federated rounds (VQ-VAE: rounds of the autoencoder)."
     )
-    prior_rounds: int = Field(
-        0,
+    prior_rounds: int | None = Field(
+        None,
         ge=0,
         le=100_000,
-        description="VQ-VAE only: rounds training the code prior, after `rounds`.",
+        description="VQ-VAE only: rounds training the code prior, after `rounds` (without "
+        "them it cannot generate). Unset: a third of `rounds`, rounded up, for the VQ-VAE "
+        "(the ratio of configs/mnist_vqvae.yaml); 0 for the GAN.",
     )
     fraction_train: float = Field(
         1.0, gt=0.0, le=1.0, description="Fraction of clients sampled for each round."
@@ -355,6 +357,9 @@ class FedgenConfig(_Section):
     @model_validator(mode="after")
     def _cross_checks(self) -> FedgenConfig:
         fed, model, tr = self.federation, self.model, self.training
+        if fed.prior_rounds is None:
+            # Resolved here, so the saved config and the clients' copy hold the number.
+            fed.prior_rounds = -(-fed.rounds // 3) if model.type == "vqvae" else 0
         if model.type == "gan" and fed.prior_rounds:
             raise ValueError(
                 f"federation.prior_rounds={fed.prior_rounds} applies to model.type=vqvae only; "
@@ -402,15 +407,20 @@ class FedgenConfig(_Section):
         return self
 
     @property
+    def prior_rounds(self) -> int:
+        """`federation.prior_rounds`, resolved (never None once validated)."""
+        return self.federation.prior_rounds or 0
+
+    @property
     def total_rounds(self) -> int:
-        return self.federation.rounds + self.federation.prior_rounds
+        return self.federation.rounds + self.prior_rounds
 
     @property
     def planned_steps(self) -> int:
         """DP steps a client takes if it joins every round: what the noise is planned for."""
         return self.federation.rounds * self.local_steps_for(
             "vqvae"
-        ) + self.federation.prior_rounds * self.local_steps_for("prior")
+        ) + self.prior_rounds * self.local_steps_for("prior")
 
     def local_steps_for(self, stage: str) -> int:
         """DP steps a client takes in one round of `stage`."""

@@ -23,6 +23,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from fedgen.config import DataConfig, FedgenConfig
+from fedgen.console import plural
 
 __all__ = [
     "DataError",
@@ -54,6 +55,8 @@ MNIST_MIRRORS = (
     "https://ossci-datasets.s3.amazonaws.com/mnist/",
     "https://storage.googleapis.com/cvdf-datasets/mnist/",
 )
+# Space-separated base URLs that replace MNIST_MIRRORS (a local mirror behind a firewall).
+MIRRORS_ENV = "FEDGEN_MNIST_MIRRORS"
 
 GLYPH_CLASSES = (
     "circle", "square", "triangle", "plus", "cross",
@@ -112,10 +115,16 @@ def _parse_idx(buf: bytes, source: str) -> np.ndarray:
     return data.reshape(dims)
 
 
+def _mirrors() -> tuple[str, ...]:
+    env = os.environ.get(MIRRORS_ENV, "").split()
+    return tuple(m if m.endswith("/") else f"{m}/" for m in env) or MNIST_MIRRORS
+
+
 def _download(name: str, root: Path) -> None:
-    root.mkdir(parents=True, exist_ok=True)
+    """Fetch one file into `root`. The folder is created only to store a file whose
+    checksum matched: a failed attempt leaves nothing behind."""
     errors = []
-    for mirror in MNIST_MIRRORS:
+    for mirror in _mirrors():
         url = f"{mirror}{name}.gz"
         try:
             with urllib.request.urlopen(url, timeout=30) as resp:
@@ -128,6 +137,7 @@ def _download(name: str, root: Path) -> None:
         if digest != MNIST_FILES[name]:
             errors.append(f"{url}: checksum mismatch (sha256 {digest})")
             continue
+        root.mkdir(parents=True, exist_ok=True)
         # Write then rename: a crash never leaves a half-written file under the real name.
         with tempfile.NamedTemporaryFile(dir=root, delete=False) as tmp:
             tmp.write(payload)
@@ -135,8 +145,9 @@ def _download(name: str, root: Path) -> None:
         return
     raise DataError(
         f"could not download MNIST file {name} ({'; '.join(errors)}). Without network access, "
-        f"put the four MNIST IDX files (gzip or raw) in {root}, or point data.root or "
-        "FEDGEN_DATA_DIR at the folder that holds them."
+        f"put the four MNIST IDX files (gzip or raw) in {root}, point data.root or "
+        f"FEDGEN_DATA_DIR at the folder that holds them, or {MIRRORS_ENV} at a mirror you "
+        "can reach."
     )
 
 
@@ -318,7 +329,9 @@ def load_image_folder(root: str | Path) -> DeviceData:
             labels.append(label)
     if not images:
         detail = (
-            f"; {len(skipped)} files could not be read, e.g. {skipped[0][0]}" if skipped else ""
+            f"; {plural(len(skipped), 'file')} could not be read, e.g. {skipped[0][0]}"
+            if skipped
+            else ""
         )
         raise DataError(f"no usable images in {root}{detail}")
     data = Dataset(np.stack(images), np.asarray(labels, dtype=np.int64), root.name)

@@ -17,6 +17,7 @@ from torch import nn
 
 from fedgen import quality
 from fedgen.config import FedgenConfig
+from fedgen.console import detail
 from fedgen.data import NUM_CLASSES, load_dataset, to_tensors
 from fedgen.reports import save_image_grid
 
@@ -52,7 +53,7 @@ def _metrics(images: torch.Tensor, recon: torch.Tensor, codes: torch.Tensor, k: 
 
 
 def _print(message: str) -> None:
-    print(f"[fedgen] {message}", flush=True)
+    detail(f"[fedgen] {message}")
 
 
 class Evaluator:
@@ -121,7 +122,10 @@ class Evaluator:
         if downstream:
             n = ev.downstream_examples or len(self.real_train[1])
             if self.log is not None:
-                self.log(f"downstream: generating {n} labelled images")
+                self.log(
+                    f"downstream accuracy: generating {n} labelled images to train a fresh "
+                    "classifier on, which is then tested on the real test images"
+                )
             down_labels = quality.balanced_labels(n, seed + 1)
             down_images = quality.generate(model, down_labels, seed + 1)
             recipe = quality.ClassifierRecipe(epochs=ev.downstream_epochs, seed=seed)

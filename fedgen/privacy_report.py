@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fedgen.config import FedgenConfig
+from fedgen.console import plural
 from fedgen.privacy import PLD_DISCRETIZATION, epsilon_of, recompute_recipe
 
 __all__ = ["PrivacyLedger", "format_privacy_table", "load_privacy_report", "privacy_markdown"]
@@ -337,8 +338,8 @@ def _absences(report: dict[str, Any]) -> list[str]:
     for cid, c in report["clients"].items():
         for p in c.get("provisional", []):
             lines.append(
-                f"round {p['round']}: {cid} sent no update; its {p['steps']} steps are counted "
-                "as spent (provisional: its own history was not collected)"
+                f"round {p['round']}: {cid} sent no update; {plural(p['steps'], 'step')} "
+                "counted as spent (provisional: its own history was not collected)"
             )
         for a in c.get("anomalies", []):
             lines.append(f"round {a['round']}: {cid} history anomaly: {json.dumps(a)}")
@@ -384,8 +385,9 @@ def privacy_markdown(report: dict[str, Any]) -> str:
                 else ""
             )
             + f"; delta `{report['delta']:g}`; target epsilon `{report['target_epsilon']}`.",
-            f"- **Plan**: {report['rounds_planned']} rounds, {report['local_steps_per_round']} "
-            f"DP steps per round, {report['planned_steps']} DP steps per client if sampled "
+            f"- **Plan**: {plural(report['rounds_planned'], 'round')}, "
+            f"{plural(report['local_steps_per_round'], 'DP step')} per round, "
+            f"{plural(report['planned_steps'], 'DP step')} per client if sampled "
             "every round; each client calibrated its own noise for its own sample rate.",
             "- **Treated as public** (not protected): " + "; ".join(report["public"]) + ".",
             "- **Not covered**: anything a client's owner releases outside fedgen; "

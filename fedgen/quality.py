@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedgen.console import plural
+
 __all__ = [
     "Classifier",
     "ClassifierRecipe",
@@ -156,7 +158,7 @@ def train_classifier(
         history.append(entry)
         if log is not None:
             extra = (
-                f", held-out accuracy {entry['holdout_accuracy']:.4f}"
+                f", accuracy on the held-out generated images {entry['holdout_accuracy']:.4f}"
                 if "holdout_accuracy" in entry
                 else ""
             )
@@ -195,13 +197,19 @@ def load_or_train_evaluator(
             info = json.loads(meta.read_text())
             model.eval()
             if log is not None:
-                log(f"evaluator: cached {weights.name} (test accuracy {info['test_accuracy']:.4f})")
+                log(
+                    f"evaluator: cached {weights.name} (accuracy on the real test images "
+                    f"{info['test_accuracy']:.4f})"
+                )
             return model, info | {"cached": True}
         except (OSError, RuntimeError, ValueError, KeyError) as err:
             if log is not None:
                 log(f"evaluator: cache {weights} unreadable ({err}); training a new one")
     if log is not None:
-        log(f"evaluator: training on {len(train[1])} real training images ({recipe.epochs} epochs)")
+        log(
+            f"evaluator: training on {len(train[1])} real training images "
+            f"({plural(recipe.epochs, 'epoch')})"
+        )
     model, history = train_classifier(*train, recipe, log=log, what="evaluator")
     info = {
         "data_fingerprint": fingerprint,
@@ -220,7 +228,10 @@ def load_or_train_evaluator(
     tmp_meta.write_text(json.dumps(info, indent=1))
     os.replace(tmp_meta, meta)
     if log is not None:
-        log(f"evaluator: test accuracy {info['test_accuracy']:.4f}; cached as {weights}")
+        log(
+            f"evaluator: accuracy on the real test images {info['test_accuracy']:.4f}; "
+            f"cached as {weights}"
+        )
     return model, info | {"cached": False}
 
 

@@ -34,6 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from fedgen.config import FedgenConfig
+from fedgen.console import plural, say
 from fedgen.privacy_report import (
     PrivacyLedger,
     client_sort_key,
@@ -221,7 +222,7 @@ class RunDir:
         """Mark the run completed, and say so, when `last_round` was its last."""
         if last_round < cfg.total_rounds:
             return False
-        print(f"[fedgen] {self.path} has finished all {cfg.total_rounds} rounds", flush=True)
+        say(f"[fedgen] {self.path} has finished all {plural(cfg.total_rounds, 'round')}")
         self.finish(cfg, status="completed")
         return True
 
@@ -251,7 +252,7 @@ class RunDir:
                 return int(path.stem.split("_")[1]), load_checkpoint(path)
             except CheckpointError as err:
                 problems.append(str(err))
-                print(f"[fedgen] warning: {err}; trying the one before", file=sys.stderr)
+                say(f"[fedgen] warning: {err}; trying the one before", stderr=True)
         raise CheckpointError("; ".join(problems) + ": no intact checkpoint left")
 
     # --- resume ---------------------------------------------------------------------
@@ -289,10 +290,10 @@ class RunDir:
                     else {}
                 )
             except (ValueError, OSError, CheckpointError) as err:
-                print(
+                say(
                     f"[fedgen] warning: round {server_round} cannot be resumed from ({err}); "
                     "trying the round before",
-                    file=sys.stderr,
+                    stderr=True,
                 )
                 continue
             return server_round, weights, state, strategy
@@ -324,15 +325,36 @@ class RunDir:
         _plot_epsilon(report, self.path / "privacy_epsilon.png")
 
 
-def _plot_epsilon(report: dict[str, Any], path: Path) -> None:
-    if not report["private"]:
-        return
+def _pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    return plt
+
+
+def _integer_ticks(axis: Any) -> None:
+    """Rounds are whole numbers: no tick at 1.5."""
+    from matplotlib.ticker import MaxNLocator
+
+    axis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _save_figure(fig: Any, path: Path) -> None:
+    # Written beside the target and renamed: a reader never sees half a PNG.
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp)
+    _pyplot().close(fig)
+    os.replace(tmp, path)
+
+
+def _plot_epsilon(report: dict[str, Any], path: Path) -> None:
+    if not report["private"]:
+        return
+    plt = _pyplot()
+    # Constrained layout keeps labels and legend inside the figure at any size.
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100, layout="constrained")
     series: dict[str, tuple[list[int], list[float]]] = {}
     for entry in report["rounds"]:
         for cid, eps in entry["epsilon"].items():
@@ -341,73 +363,86 @@ def _plot_epsilon(report: dict[str, Any], path: Path) -> None:
             ys.append(eps)
     for cid, (xs, ys) in sorted(series.items(), key=lambda kv: client_sort_key(kv[0])):
         ax.plot(xs, ys, marker="o", label=f"client {cid}")
-    ax.axhline(report["target_epsilon"], color="black", linestyle="--", label="target")
+    target = report["target_epsilon"]
+    if target is not None:
+        ax.axhline(target, color="black", linestyle="--", label="target")
     ax.set_xlabel("round")
-    ax.set_ylabel(f"cumulative epsilon (delta={report['delta']:g})")
+    ax.set_ylabel(f"cumulative epsilon (delta {report['delta']:g})")
     ax.set_title(f"Privacy spent per client ({report['accountant']} accountant)")
-    ax.set_xlim(left=0)
-    ax.set_ylim(bottom=0)
+    last = max((x for xs, _ in series.values() for x in xs), default=1)
+    ax.set_xlim(0, last + 0.5)
+    top = max([target or 0.0, *(y for _, ys in series.values() for y in ys)])
+    ax.set_ylim(0, top * 1.12 or 1.0)  # room above the target line for the legend
+    _integer_ticks(ax.xaxis)
+    ax.grid(alpha=0.3)
     if len(series) <= 12:
-        ax.legend(fontsize="small")
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+        # Cumulative epsilon rises from the left: the lower right stays clear.
+        ax.legend(fontsize="small", loc="lower right")
+    _save_figure(fig, path)
 
 
 QUALITY_PANELS = (
-    ("frechet_distance", "Frechet distance (evaluator features)", False),
-    ("label_consistency", "label consistency", True),
-    ("downstream_accuracy", "downstream accuracy", True),
+    ("frechet_distance", "Frechet distance", "in the evaluator's features; lower is better"),
+    (
+        "label_consistency",
+        "label consistency",
+        "the evaluator recognises the class asked for; higher is better",
+    ),
+    (
+        "downstream_accuracy",
+        "downstream accuracy",
+        "a classifier trained on generated images, tested on real ones; higher is better",
+    ),
 )
+BOUNDED_QUALITY = ("label_consistency", "downstream_accuracy")  # fractions in [0, 1]
 
 
 def plot_quality(lines: list[dict[str, Any]], path: Path) -> None:
     """Quality figures of the evaluated rounds against the round and, for a private run,
     against the epsilon spent by then: where the privacy went, and what it bought."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     private = any(line.get("max_epsilon") is not None for line in lines)
     axes_x = [("round", "round")] + (
         [("max_epsilon", "max epsilon over clients")] if private else []
     )
     fig, axes = plt.subplots(
-        len(QUALITY_PANELS), len(axes_x), figsize=(5 * len(axes_x), 8), dpi=100, squeeze=False
+        len(QUALITY_PANELS),
+        len(axes_x),
+        figsize=(5.5 * len(axes_x), 9),
+        dpi=100,
+        squeeze=False,
+        layout="constrained",
     )
-    for row, (key, title, higher_better) in enumerate(QUALITY_PANELS):
+    for row, (key, name, meaning) in enumerate(QUALITY_PANELS):
         points = [line for line in lines if line.get("eval", {}).get(key) is not None]
         for col, (xkey, xlabel) in enumerate(axes_x):
             ax = axes[row][col]
             xs = [p[xkey] for p in points if p.get(xkey) is not None]
             ys = [p["eval"][key] for p in points if p.get(xkey) is not None]
             ax.plot(xs, ys, marker="o")
-            ax.set_ylabel(
-                title + (" (higher is better)" if higher_better else " (lower is better)")
-            )
+            ax.set_title(meaning, fontsize="small")
+            ax.set_ylabel(name)
             ax.set_xlabel(xlabel)
-            if higher_better:
-                ax.set_ylim(0, 1)
+            # Both start at nothing spent; a lone point is then not alone on its axis.
+            ax.set_xlim(0, max(xs, default=1) * 1.08 + (0.5 if xkey == "round" else 0))
+            if xkey == "round":
+                _integer_ticks(ax.xaxis)
+            if key in BOUNDED_QUALITY:
+                ax.set_ylim(0, 1.02)
             ax.grid(alpha=0.3)
-    fig.suptitle("Sample quality on the real test set")
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    fig.suptitle("Sample quality: generated images measured against the real test images")
+    _save_figure(fig, path)
 
 
 _EVALUATION_ROWS = (
-    ("evaluator_test_accuracy", "evaluator test accuracy (real)", "{:.4f}"),
+    ("evaluator_test_accuracy", "evaluator accuracy on real test images", "{:.4f}"),
     ("frechet_distance", "Frechet distance (evaluator features)", "{:.3f}"),
     ("frechet_generated_samples", "  generated / real samples", None),
     ("label_consistency", "label consistency", "{:.4f}"),
     ("inception_fid", "Inception FID", "{:.2f}"),
-    ("downstream_accuracy", "downstream accuracy (real test)", "{:.4f}"),
-    ("downstream_selected_epoch", "  epoch chosen on held-out generated", "{}"),
+    ("downstream_accuracy", "downstream accuracy on real test images", "{:.4f}"),
+    ("downstream_train_examples", "  classifier trained on generated images", "{}"),
+    ("downstream_selected_epoch", "  epoch chosen on held-out generated images", "{}"),
     ("recon_mse", "reconstruction MSE", "{:.5f}"),
     ("psnr", "reconstruction PSNR (dB)", "{:.2f}"),
     ("codebook_usage", "codebook usage", "{:.3f}"),
@@ -428,7 +463,10 @@ def format_evaluation_table(result: dict[str, Any]) -> str:
     )
     rows = [
         ("run", f"{result['model']} on {result['dataset']}, round {result['round']}"),
-        ("federation", f"{result['clients']} clients, {where}, {result['rounds']} rounds"),
+        (
+            "federation",
+            f"{plural(result['clients'], 'client')}, {where}, {plural(result['rounds'], 'round')}",
+        ),
         ("privacy", eps),
     ]
     for key, label, fmt in _EVALUATION_ROWS:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from fedgen.config import FedgenConfig
+from fedgen.console import plural, round_summary
 from fedgen.data import NUM_CLASSES, Dataset, federated_partitions, load_dataset, to_tensors
 from fedgen.evaluation import Evaluator
 from fedgen.models import build_model
@@ -348,9 +349,13 @@ class RoundRecorder:
                 f"{ev['label_consistency']:.3f}"
             )
         if "downstream_accuracy" in ev:
-            losses += f"  downstream accuracy {ev['downstream_accuracy']:.4f}"
-        print(
-            f"[fedgen] round {line['round']}/{self.cfg.total_rounds}: {line['clients']} clients"
-            f"{losses}{eps}{fails}  ({line['round_seconds']:.1f}s)",
-            flush=True,
+            losses += (
+                f"  downstream accuracy {ev['downstream_accuracy']:.4f} (a classifier trained "
+                "on generated images, tested on real ones)"
+            )
+        round_summary(
+            f"[fedgen] round {line['round']}/{self.cfg.total_rounds}: "
+            f"{plural(line['clients'], 'client')}{losses}{eps}{fails}  "
+            f"({line['round_seconds']:.1f}s)",
+            line["max_epsilon"],
         )

@@ -8,6 +8,7 @@ Under `flwr run .` the run config (pyproject.toml, `--run-config`) names the exp
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.serverapp import Grid, ServerApp
 
 from fedgen.config import FedgenConfig, load_config, resumable_config
+from fedgen.console import RoundProgress, plural, say
 from fedgen.reports import RunDir, write_atomic
 from fedgen.rounds import RoundRecorder
 from server.strategy import build_strategy, restore_strategy_state, tally_report
@@ -38,9 +40,15 @@ def _overrides(run_config: dict) -> bool:
     )
 
 
-def run_federation(grid: Grid, cfg: FedgenConfig, run_dir: RunDir, resume: bool = False) -> None:
+def run_federation(
+    grid: Grid,
+    cfg: FedgenConfig,
+    run_dir: RunDir,
+    resume: bool = False,
+    progress: RoundProgress | None = None,
+) -> None:
     """Run every round of the experiment, or, with `resume`, the rounds after the last
-    one `run_dir` holds intact."""
+    one `run_dir` holds intact; `progress` hears of each round's replies as they arrive."""
     recorder = RoundRecorder(cfg, run_dir)
     first_round, weights = 1, recorder.initial_state()
     strategy_tensors: dict = {}
@@ -49,7 +57,7 @@ def run_federation(grid: Grid, cfg: FedgenConfig, run_dir: RunDir, resume: bool 
         recorder.restore(state, run_dir.saved_privacy_clients())
         run_dir.truncate_metrics(last)
         first_round = last + 1
-        print(f"[fedgen] resuming {run_dir.path} after round {last}", flush=True)
+        say(f"[fedgen] resuming {run_dir.path} after round {last}")
     strategy = build_strategy(cfg, recorder, first_round)
     restore_strategy_state(strategy, strategy_tensors)
     run_dir.write_manifest(cfg)
@@ -64,7 +72,7 @@ def run_federation(grid: Grid, cfg: FedgenConfig, run_dir: RunDir, resume: bool 
         "sim-ledger-dir": str(run_dir.path / "client-ledgers"),
     }
     fed = cfg.federation
-    grid = FirstRoundTimeout(grid, fed.first_round_timeout or fed.round_timeout)
+    grid = FirstRoundTimeout(grid, fed.first_round_timeout or fed.round_timeout, progress)
     try:
         strategy.start(
             grid=grid,  # type: ignore[arg-type]
@@ -74,7 +82,9 @@ def run_federation(grid: Grid, cfg: FedgenConfig, run_dir: RunDir, resume: bool 
             # Clients validate the config with the same schema: one source for every setting.
             train_config=ConfigRecord(train_config),
         )
-        collect_tallies(grid, recorder, strategy.node_of, train_config, cfg.federation.round_timeout)
+        collect_tallies(
+            grid, recorder, strategy.node_of, train_config, cfg.federation.round_timeout
+        )
     except BaseException:
         run_dir.finish(cfg, status="failed")
         raise
@@ -82,23 +92,80 @@ def run_federation(grid: Grid, cfg: FedgenConfig, run_dir: RunDir, resume: bool 
 
 
 class FirstRoundTimeout:
-    """The grid, with a timeout of its own for the first exchange of this process.
+    """The grid, with a timeout of its own for the first exchange of this process, and
+    with each training round's replies counted as they arrive when given a `progress`.
 
     Flower's `Strategy.start` gives every round one timeout, but the first round also waits
     for every client to start (on a busy machine, minutes), so a timeout right for later
     rounds would fail it, and one right for it would make every later round wait as long
     for a client that is gone."""
 
-    def __init__(self, grid: Grid, first_timeout: float) -> None:
+    def __init__(
+        self, grid: Grid, first_timeout: float, progress: RoundProgress | None = None
+    ) -> None:
         self._grid = grid
         self._first: float | None = first_timeout
+        self._progress = progress
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None):
         first, self._first = self._first, None
-        return self._grid.send_and_receive(messages, timeout=first or timeout)
+        timeout = first or timeout
+        messages = list(messages)
+        train = [m for m in messages if m.metadata.message_type == MessageType.TRAIN]
+        if self._progress is None or not train:
+            return self._grid.send_and_receive(messages, timeout=timeout)
+        return self._send_and_count(messages, timeout, _server_round(train[0]), self._progress)
+
+    def _send_and_count(
+        self,
+        messages: list[Message],
+        timeout: float | None,
+        server_round: int,
+        progress: RoundProgress,
+    ) -> list[Message]:
+        """Flower's `send_and_receive` (push, then pull until every reply is in or the
+        timeout has passed), telling `progress` of each reply as it arrives."""
+        waiting = set(self._grid.push_messages(messages))
+        progress.round_started(server_round, len(waiting))
+        end = time.time() + (timeout if timeout is not None else 0.0)
+        # Flower's own pull interval: the in-memory grid's, else its HTTP grid's 3 s.
+        interval = float(getattr(self._grid, "pull_interval", 3.0))
+        replies: list[Message] = []
+        while timeout is None or time.time() < end:
+            arrived = list(self._grid.pull_messages(waiting))
+            if arrived:
+                replies.extend(arrived)
+                waiting.difference_update(m.metadata.reply_to_message_id for m in arrived)
+                progress.replies(len(replies), _max_epsilon(arrived))
+            if not waiting:
+                break
+            time.sleep(interval)
+        progress.replies_done()
+        return replies
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
+
+
+def _server_round(message: Message) -> int:
+    # Flower writes the round into every train message's config ("server-round").
+    try:
+        return int(message.content["config"]["server-round"])
+    except (KeyError, TypeError, ValueError):
+        return 0
+
+
+def _max_epsilon(replies: list[Message]) -> float | None:
+    """The largest cumulative epsilon these replies report (each client's own figure; the
+    report recomputes it)."""
+    values = []
+    for reply in replies:
+        try:
+            if not reply.has_error() and "metrics" in reply.content:
+                values.append(float(reply.content["metrics"]["epsilon"]))
+        except (KeyError, TypeError, ValueError):
+            continue
+    return max(values, default=None)
 
 
 def collect_tallies(
@@ -123,7 +190,7 @@ def collect_tallies(
         )
         for who in outstanding
     ]
-    print(f"[fedgen] collecting the final tally of {len(messages)} client(s)", flush=True)
+    say(f"[fedgen] collecting the final tally of {plural(len(messages), 'client')}")
     label_of = {node_of[who]: who for who in outstanding}
     tallies = []
     for reply in grid.send_and_receive(messages, timeout=timeout):
@@ -137,11 +204,14 @@ def collect_tallies(
 
 
 def make_server_app(
-    cfg: FedgenConfig | None = None, run_dir: RunDir | None = None, resume: bool = False
+    cfg: FedgenConfig | None = None,
+    run_dir: RunDir | None = None,
+    resume: bool = False,
+    progress: RoundProgress | None = None,
 ) -> ServerApp:
-    """A ServerApp for a config prepared by the caller (fedgen simulate), or, with no
-    arguments, one that reads the experiment from Flower's run config (flwr run): a
-    non-empty `resume` there names a run directory to continue."""
+    """A ServerApp for a config prepared by the caller (fedgen simulate, which passes its
+    `progress` view), or, with no arguments, one that reads the experiment from Flower's
+    run config (flwr run): a non-empty `resume` there names a run directory to continue."""
     server_app = ServerApp()
 
     @server_app.main()
@@ -165,7 +235,7 @@ def make_server_app(
                 run = RunDir.create(run_cfg, out)
             print(f"[fedgen] run directory: {run.path}", flush=True)
         assert run is not None
-        run_federation(grid, run_cfg, run, resume=resuming)
+        run_federation(grid, run_cfg, run, resume=resuming, progress=progress)
 
     return server_app
 

@@ -10,6 +10,7 @@ from flwr.simulation import run_simulation
 
 from clients.app import app as client_app
 from fedgen.config import FedgenConfig
+from fedgen.console import RoundProgress
 from fedgen.reports import RunDir
 from server.app import make_server_app
 
@@ -29,13 +30,22 @@ def backend_config(cfg: FedgenConfig) -> dict:
 
 
 def simulate(
-    cfg: FedgenConfig, run_dir: RunDir, client: ClientApp | None = None, resume: bool = False
+    cfg: FedgenConfig,
+    run_dir: RunDir,
+    client: ClientApp | None = None,
+    resume: bool = False,
+    progress: RoundProgress | None = None,
 ) -> None:
     """Run the whole federation (with `resume`, the rounds after the last intact one in
     `run_dir`); raises if it did not complete. `client` replaces the ClientApp (tests
-    inject faults this way)."""
+    inject faults this way); `progress` hears of each round's replies as they arrive.
+
+    `run_simulation` is Flower 1.41's only way to run a simulation inside this process;
+    it warns that it is deprecated in favour of `flwr run`, which needs a SuperLink and a
+    built Flower App (fedgen supports that too, see README). `fedgen simulate` sends the
+    warning to the run's log with Flower's other output (`fedgen.console.RunConsole`)."""
     run_simulation(
-        server_app=make_server_app(cfg, run_dir, resume),
+        server_app=make_server_app(cfg, run_dir, resume, progress),
         client_app=client or client_app,
         num_supernodes=cfg.federation.num_clients,
         backend_config=backend_config(cfg),
@@ -44,6 +54,6 @@ def simulate(
     status = json.loads(manifest.read_text()).get("status") if manifest.is_file() else None
     if status != "completed":
         raise RuntimeError(
-            f"the simulation did not complete (status: {status}); the log above says why, "
+            f"the simulation did not complete (status: {status}); Flower's log says why, "
             f"and {run_dir.path} holds what was written so far"
         )

@@ -27,6 +27,7 @@ from flwr.serverapp.strategy import (
 )
 
 from fedgen.config import FedgenConfig
+from fedgen.console import plural
 from fedgen.policy import FAILURE_CODES
 from fedgen.rounds import RoundRecorder
 from fedgen.updates import check_update, max_weight_change
@@ -279,7 +280,7 @@ def build_strategy(cfg: FedgenConfig, recorder: RoundRecorder, first_round: int 
             if len(kept) < needed:
                 recorder.record(server_round, None, reports, failures, declined, missing)
                 raise RuntimeError(
-                    f"round {server_round}: {len(kept)} client update(s), fewer than {why}; "
+                    f"round {server_round}: {plural(len(kept), 'client update')}, fewer than {why}; "
                     f"declined: {[d['client_id'] for d in declined]}, failures: {failures}"
                 )
             try:
