@@ -144,6 +144,14 @@ def _report_ledgers(path: Path) -> int:
     return 0
 
 
+def _verify(args: argparse.Namespace) -> int:
+    from fedgen.verify import format_verification, verify_path
+
+    result = verify_path(args.path, args.ledgers)
+    print(json.dumps(result, indent=2) if args.json else format_verification(result))
+    return 0 if result["passed"] else 1
+
+
 def _certs(args: argparse.Namespace) -> int:
     from fedgen.certs import make_certificates
 
@@ -458,6 +466,31 @@ def build_parser() -> argparse.ArgumentParser:
         "--supernodes", type=int, default=0, help="SuperNode authentication key pairs to make"
     )
     crt.add_argument("--overwrite", action="store_true", help="replace files already there")
+
+    ver = add_command(
+        sub,
+        "verify",
+        "check a run's hash-chained audit log and every file it covers (checkpoints, "
+        "privacy report, epsilons recomputed), or a device's ledger; exit 1 on any FAIL",
+        [
+            "fedgen verify runs/quickstart",
+            "fedgen verify runs/quickstart --json",
+            "fedgen verify /var/lib/fedgen/ledgers",
+        ],
+        _verify,
+    )
+    ver.add_argument(
+        "path",
+        metavar="PATH",
+        help="a run directory, or a device's ledger folder or ledger file",
+    )
+    ver.add_argument(
+        "--ledgers",
+        metavar="DIR",
+        help="devices' ledger folder to compare the run with (default: RUN_DIR/client-ledgers, "
+        "where a simulation keeps them)",
+    )
+    ver.add_argument("--json", action="store_true", help="print the result as JSON")
 
     ref = add_command(
         sub,

@@ -26,8 +26,15 @@ from typing import Any
 
 import torch
 
+from fedgen.audit_log import chain_problems, ledger_entry, ledger_genesis, seal
 from fedgen.privacy import HistoryEntry, epsilon_of, recompute_recipe
-from fedgen.reports import CheckpointError, fsync_dir, load_checkpoint, save_tensors
+from fedgen.reports import (
+    CheckpointError,
+    fsync_dir,
+    load_checkpoint,
+    save_tensors,
+    tensors_digest,
+)
 from fedgen.rounds import ClientPrivacyState
 
 __all__ = ["LedgerError", "DeviceLedger", "default_ledger_dir", "device_id", "format_ledger"]
@@ -190,7 +197,24 @@ class DeviceLedger:
         }
         content["last_reply"] = {"run_id": run_id, "round": server_round, "metrics": reply[1]}
         content["lifetime"] = {"epsilon": lifetime_epsilon, "policy": policy}
+        done_before = sum(int(h[2]) for h in before.get("history", []))
+        self._chain(
+            content,
+            ledger_entry(
+                "round",
+                run_id=run_id,
+                server_round=server_round,
+                steps=sum(int(h[2]) for h in state.history) - done_before,
+                history=state.history,
+                reply_sha256=tensors_digest(reply[0]),
+            ),
+        )
         return self._write(content)
+
+    def _chain(self, content: dict[str, Any], entry: dict[str, Any]) -> None:
+        """Seal `entry` onto the ledger's own hash chain (fedgen.audit_log)."""
+        chain = content.setdefault("chain", [])
+        chain.append(seal(entry, chain[-1]["hash"] if chain else ledger_genesis(self.client_id)))
 
     def close_run(self, run_id: str) -> dict[str, Any] | None:
         """Mark `run_id` finished on this device (no later message trains for it) and
@@ -202,6 +226,17 @@ class DeviceLedger:
         if not run.get("closed"):
             run["closed"] = True
             run["updated"] = _now()
+            self._chain(
+                content,
+                ledger_entry(
+                    "close",
+                    run_id=run_id,
+                    server_round=None,
+                    steps=0,
+                    history=run["history"],
+                    reply_sha256=None,
+                ),
+            )
             self._write(content)
         return run
 
@@ -263,5 +298,11 @@ def format_ledger(path: Path) -> str:
     lines.append(
         f"  lifetime: epsilon {eps(lifetime):.4f} over {len(runs)} run(s)"
         + (f" of at most {cap:g}" if cap is not None else "")
+    )
+    chain = content.get("chain", [])
+    broken = chain_problems(chain, ledger_genesis(str(content["client_id"])))
+    lines.append(
+        f"  chain: {len(chain)} entries, "
+        + (f"BROKEN: {broken[0]} (fedgen verify {path} for every check)" if broken else "intact")
     )
     return "\n".join(lines)

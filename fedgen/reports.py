@@ -10,6 +10,7 @@ Layout of a run directory:
     privacy_epsilon.png    epsilon per client against rounds
     samples/round_NNN.png  class-conditional samples, one row per class
     checkpoints/round_NNN.safetensors  global weights after each round
+    audit_log.jsonl        hash-chained record of every round (fedgen.audit_log)
 """
 
 from __future__ import annotations
@@ -117,7 +118,8 @@ class CheckpointError(RuntimeError):
     """A checkpoint file that is truncated or does not match its checksum."""
 
 
-def _tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a state dict: each tensor's name, dtype, shape and bytes, by name."""
     h = hashlib.sha256()
     for key in sorted(tensors):
         t = tensors[key].contiguous()
@@ -134,7 +136,7 @@ def save_tensors(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    save_file(tensors, str(tmp), metadata={**(metadata or {}), "sha256": _tensors_digest(tensors)})
+    save_file(tensors, str(tmp), metadata={**(metadata or {}), "sha256": tensors_digest(tensors)})
     with open(tmp, "rb+") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
@@ -151,7 +153,7 @@ def load_checkpoint(path: Path, with_metadata: bool = False) -> Any:
     except Exception as err:  # safetensors raises its own error types for bad headers
         raise CheckpointError(f"checkpoint {path} is unreadable ({err})") from None
     expected = metadata.get("sha256")
-    if expected is not None and _tensors_digest(tensors) != expected:
+    if expected is not None and tensors_digest(tensors) != expected:
         raise CheckpointError(f"checkpoint {path} does not match its checksum (corrupt)")
     return (tensors, metadata) if with_metadata else tensors
 

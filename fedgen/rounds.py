@@ -4,14 +4,25 @@ plain values in and out of Flower messages."""
 
 from __future__ import annotations
 
+import json
 import random
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
+from fedgen.audit_log import (
+    AuditLog,
+    config_digest,
+    digest,
+    file_digest,
+    round_entry,
+    state_entry,
+)
 from fedgen.config import FedgenConfig
 from fedgen.console import plural, round_summary
 from fedgen.data import NUM_CLASSES, Dataset, federated_partitions, load_dataset, to_tensors
@@ -218,6 +229,16 @@ def _train_vqvae_stage(
     return LocalResult(state, {"steps": float(steps)}, history)
 
 
+def latest_clients(entries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The server's record of each client as the audit log entries leave it (each entry
+    holds the clients it touched)."""
+    latest: dict[str, dict[str, Any]] = {}
+    for entry in entries:
+        for cid, client in entry.get("clients", {}).items():
+            latest[cid] = {k: v for k, v in client.items() if k != "history_sha256"}
+    return latest
+
+
 def _plain(value: Any) -> Any:
     return [_plain(v) for v in value] if isinstance(value, tuple | list) else value
 
@@ -237,6 +258,8 @@ class RoundRecorder:
         self.evaluator = Evaluator(cfg)
         self._round_start = time.perf_counter()
         self._quality: list[dict[str, Any]] = []  # metrics lines with quality figures
+        self.audit = AuditLog(run_dir.path)
+        self._audit_entry: dict[str, Any] | None = None  # the last round's sealed entry
 
     def server_state(self) -> dict[str, Any]:
         """The recorder's part of what a resumed run needs (see `RunDir.save_server_state`)."""
@@ -245,6 +268,8 @@ class RoundRecorder:
             "quality": self._quality,
             # Flower samples clients with Python's `random`: its state, for the same draws.
             "random_state": _plain(random.getstate()),
+            # The round's audit log entry: a resumed run re-appends it if a crash lost it.
+            "audit_entry": self._audit_entry,
         }
 
     def restore(self, state: dict[str, Any], reported: dict[str, Any] | None = None) -> None:
@@ -254,6 +279,30 @@ class RoundRecorder:
         self.ledger.restore(state["ledger"], reported or {})
         self._quality = list(state["quality"])
         random.setstate(_tuple(state["random_state"]))
+        self._resume_audit(int(state.get("round", 0)), state.get("audit_entry"))
+
+    def _resume_audit(self, last_round: int, saved: dict[str, Any] | None) -> None:
+        """Cut the audit log back to `last_round`, as the metrics are, and log what the
+        restore changed in the server's record (a client's longer history from the report
+        of the round that was cut short)."""
+        kept = self.audit.resume(last_round, saved)
+        self._audit_entry = saved
+        logged = latest_clients(kept)
+        changed = {
+            cid: client
+            for cid, client in self.ledger.clients.items()
+            if json.loads(json.dumps(client)) != logged.get(cid)
+        }
+        if changed:
+            self.audit.append(
+                state_entry(
+                    "resume",
+                    run_id=self._run_id(),
+                    after_round=last_round,
+                    clients=changed,
+                    unidentified=self.ledger.unidentified,
+                )
+            )
 
     def round_started(self) -> None:
         self._round_start = time.perf_counter()
@@ -287,8 +336,9 @@ class RoundRecorder:
         self.ledger.record_round(server_round, client_reports, declined, failures, missing)
         self.run_dir.write_privacy_report(self.ledger)
         evaluation: dict[str, Any] = {}
+        checkpoint: Path | None = None
         if state is not None:
-            self.run_dir.save_checkpoint(server_round, state)
+            checkpoint = self.run_dir.save_checkpoint(server_round, state)
             last = server_round in (self.cfg.federation.rounds, self.cfg.total_rounds)
             if server_round % self.cfg.run.eval_every == 0 or last:
                 evaluation = self.evaluate(server_round, state)
@@ -317,13 +367,83 @@ class RoundRecorder:
         if "frechet_distance" in evaluation:
             self._quality.append(line)
             plot_quality(self._quality, self.run_dir.path / "quality.png")
+        # After the checkpoint is on disk: the entry holds its digest.
+        self.audit_round(server_round, client_reports, declined, missing or [], checkpoint, line)
         return line
+
+    def _run_id(self) -> str | None:
+        try:
+            return self.run_dir.run_id
+        except (OSError, ValueError, KeyError):
+            return None  # a run directory without a manifest (tests of the strategy)
+
+    def audit_round(
+        self,
+        server_round: int,
+        reports: list[dict[str, Any]],
+        declined: list[dict[str, Any]],
+        missing: list[str],
+        checkpoint: Path | None,
+        line: dict[str, Any],
+    ) -> dict[str, Any]:
+        """Append the round's entry to the audit log (`fedgen.audit_log.round_entry`):
+        everything it names must already be on disk."""
+        touched = [str(r["client_id"]) for r in [*reports, *declined]] + list(missing)
+        root = self.run_dir.path
+        written = None
+        if checkpoint is not None:
+            with safe_open(str(checkpoint), framework="pt") as fh:
+                tensors_sha256 = (fh.metadata() or {}).get("sha256", "")
+            written = {
+                "path": checkpoint.relative_to(root).as_posix(),
+                "sha256": file_digest(checkpoint),
+                "tensors_sha256": tensors_sha256,
+            }
+        outputs = {
+            path.relative_to(root).as_posix(): file_digest(path)
+            for path in sorted(self.run_dir.samples.glob(f"*round_{server_round:03d}.png"))
+            if "eval" in line
+        }
+        entry = round_entry(
+            run_id=self._run_id(),
+            server_round=server_round,
+            stage=self.cfg.stage(server_round),
+            config_sha256=config_digest(self.cfg.to_yaml()),
+            privacy=self.cfg.privacy.model_dump(mode="json"),
+            participants=[str(r["client_id"]) for r in reports],
+            clients={
+                c: self.ledger.clients[c]
+                for c in dict.fromkeys(touched)
+                if c in self.ledger.clients
+            },
+            updates={
+                str(r["client_id"]): r["update_sha256"] for r in reports if r.get("update_sha256")
+            },
+            report_round=self.ledger.rounds[-1],
+            missing=missing,
+            unidentified=self.ledger.unidentified,
+            checkpoint=written,
+            outputs=outputs,
+            metrics_sha256=digest(line),
+        )
+        self._audit_entry = self.audit.append(entry)
+        return self._audit_entry
 
     def record_tallies(self, tallies: list[tuple[str, dict[str, Any]]]) -> None:
         """Settle provisional clients from their end-of-run tallies and rewrite the report."""
         for label, tally in tallies:
             self.ledger.record_tally(label, tally)
         self.run_dir.write_privacy_report(self.ledger)
+        settled = [str(t["client_id"]) for _, t in tallies]
+        self.audit.append(
+            state_entry(
+                "tally",
+                run_id=self._run_id(),
+                after_round=max((r["round"] for r in self.ledger.rounds), default=0),
+                clients={c: self.ledger.clients[c] for c in settled if c in self.ledger.clients},
+                unidentified=self.ledger.unidentified,
+            )
+        )
 
     def print_progress(self, line: dict[str, Any]) -> None:
         def fmt(v: float | None) -> str:

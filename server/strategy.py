@@ -29,6 +29,7 @@ from flwr.serverapp.strategy import (
 from fedgen.config import FedgenConfig
 from fedgen.console import plural
 from fedgen.policy import FAILURE_CODES
+from fedgen.reports import tensors_digest
 from fedgen.rounds import RoundRecorder
 from fedgen.updates import check_update, max_weight_change
 
@@ -323,9 +324,11 @@ def build_strategy(cfg: FedgenConfig, recorder: RoundRecorder, first_round: int 
                 report = None
                 try:
                     report = client_report(reply)
-                    reason = _malformed(reply, report) or check_update(
-                        sent, reply.content["arrays"].to_torch_state_dict(), bound
-                    )
+                    received = reply.content["arrays"].to_torch_state_dict()
+                    reason = _malformed(reply, report) or check_update(sent, received, bound)
+                    # The audit log names what was received; the device's ledger names
+                    # what it sent: the same digest when nothing changed on the way.
+                    report["update_sha256"] = tensors_digest(received)
                 except Exception:  # whatever a client sends, the server carries on
                     reason = "malformed-reply"
                 if reason is None and report is not None:
