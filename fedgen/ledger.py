@@ -301,8 +301,15 @@ def format_ledger(path: Path) -> str:
     )
     chain = content.get("chain", [])
     broken = chain_problems(chain, ledger_genesis(str(content["client_id"])))
-    lines.append(
-        f"  chain: {len(chain)} entries, "
-        + (f"BROKEN: {broken[0]} (fedgen verify {path} for every check)" if broken else "intact")
-    )
+    if not chain:
+        lines.append("  chain: none (written before fedgen kept one): cannot be verified")
+    else:
+        lines.append(
+            f"  chain: {len(chain)} entries, "
+            + (
+                f"BROKEN: {broken[0]} (fedgen verify {path} for every check)"
+                if broken
+                else "intact"
+            )
+        )
     return "\n".join(lines)

@@ -612,7 +612,10 @@ def _check_report(run: _Run) -> Check:
             check.fail(name, difference)
     md = run.path / "privacy_report.md"
     if not md.is_file() or md.read_text() != privacy_markdown(report):
-        check.fail("privacy_report.md", "is not the statement privacy_report.json gives")
+        check.fail(
+            "privacy_report.md",
+            "is not the statement privacy_report.json gives (edited, or written by another fedgen version)",
+        )
     check.summary = (
         f"{len(report.get('clients', {}))} clients and {len(report.get('rounds', []))} rounds, "
         "every figure equal to the audit log's; privacy_report.md its statement"
@@ -661,9 +664,23 @@ def _check_server_state(run: _Run) -> Check:
 
 
 def _ledger_files(path: Path) -> list[Path]:
+    """The ledger file given, or the ledgers in a folder: JSON files that say they are
+    fedgen device ledgers (a JSON policy file kept next to them is not one)."""
     if path.is_file():
         return [path]
-    return sorted(p for p in path.glob("*.json") if not p.name.startswith("."))
+
+    def claims_to_be_a_ledger(file: Path) -> bool:
+        try:
+            content = json.loads(file.read_text())
+        except (OSError, ValueError):
+            return True  # unreadable: checked, and reported, as a ledger
+        return isinstance(content, dict) and str(content.get("format", "")).startswith(
+            "fedgen-device-ledger"
+        )
+
+    return sorted(
+        p for p in path.glob("*.json") if not p.name.startswith(".") and claims_to_be_a_ledger(p)
+    )
 
 
 def _read_ledger(path: Path) -> dict[str, Any] | str:
