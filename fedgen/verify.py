@@ -342,7 +342,7 @@ def _check_chain(run: _Run) -> Check:
     others = len(run.entries) - len(numbers)
     check.summary = (
         f"{len(numbers)} round entries (rounds 1-{last})"
-        + (f" and {others} tally/resume entries" if others else "")
+        + (f" and {others} tally or resume entr{'y' if others == 1 else 'ies'}" if others else "")
         + ", every hash and link intact, starting from the run id in manifest.json"
     )
     return check
