@@ -226,6 +226,12 @@ class ModelConfig(_Section):
         le=4096,
         description="`scatter` only: width of the trainable head (units, or channels).",
     )
+    scatter_stride: Literal[1, 2] = Field(
+        1,
+        description="`scatter` only: compute the wavelet responses every `scatter_stride` "
+        "pixels before pooling them to 7x7. 2 is about 3x cheaper (the wavelet modulus "
+        "is smooth, so little is lost); it is the discriminator's largest cost on a CPU.",
+    )
     vq_channels: int = Field(
         32, ge=4, le=1024, description="VQ-VAE encoder/decoder width (channels at 14x14)."
     )
@@ -273,6 +279,39 @@ class TrainingConfig(_Section):
         "rewards different images for different latents of one class (against collapse "
         "within a class). It reads generated images only, so it costs no privacy. 0: off.",
     )
+    g_steps_per_d_step: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description="GAN: generator steps each time the generator trains. Generator steps "
+        "read no real image, so they cost no privacy, only CPU.",
+    )
+    gan_loss: Literal["nonsaturating", "hinge"] = Field(
+        "nonsaturating",
+        description="GAN loss: `nonsaturating` (logistic) or `hinge` (Lim and Ye, 2017; the "
+        "discriminator stops pushing on examples it already separates by a margin).",
+    )
+    instance_noise: float = Field(
+        0.0,
+        ge=0.0,
+        le=2.0,
+        description="GAN: std of Gaussian noise added to every image the discriminator sees "
+        "(real and generated), which smooths its decision (Sonderby et al., 2017). 0: off.",
+    )
+    generator_ema: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="GAN: decay of an exponential moving average of the generator's weights "
+        "over its local steps; the client sends the average instead of the last weights. "
+        "Post-processing of DP outputs: no privacy cost. 0: off.",
+    )
+    keep_optimizer_state: bool = Field(
+        False,
+        description="GAN: each client keeps its Adam state (built from noised or "
+        "post-processing gradients only) from one round to the next instead of restarting "
+        "it; the state never leaves the client.",
+    )
     lr_vqvae: float = Field(1e-3, gt=0.0, le=1.0, description="Adam lr of the VQ-VAE.")
     lr_prior: float = Field(1e-3, gt=0.0, le=1.0, description="Adam lr of the code prior.")
 
@@ -315,6 +354,16 @@ class PrivacyConfig(_Section):
         description="Seed DP noise and Poisson sampling from `seed` (simulation research "
         "only). The server knows the seed, so this voids the guarantee against it; devices "
         "refuse it. Off: a ChaCha20 stream keyed from OS entropy.",
+    )
+    canaries: int = Field(
+        0,
+        ge=0,
+        le=100_000,
+        description="Audit canaries (simulation only; devices decline them): simulated "
+        "client 0 trains on this many out-of-distribution canaries, each included with "
+        "probability 1/2, and `fedgen audit` turns its guesses of which were included into "
+        "an empirical lower bound on epsilon (Steinke, Nasr and Jagielski, 2023). They are "
+        "training examples: they raise client 0's n and cost privacy. 0: off.",
     )
 
     @model_validator(mode="after")

@@ -140,6 +140,14 @@ class Evaluator:
         gen = torch.Generator().manual_seed(self.cfg.seed)
         save_image_grid(model.sample(labels, generator=gen), NUM_CLASSES, path)
 
+    def real_samples(self, path: Path) -> None:
+        """Real test images laid out like `samples` (one row per class), to put next to
+        the generated grid. The test split is public evaluation data, not a client's."""
+        images, labels = self.real_test
+        per_class = self.cfg.run.samples_per_class
+        rows = [images[labels == c][:per_class] for c in range(NUM_CLASSES)]
+        save_image_grid(torch.cat(rows), NUM_CLASSES, path)
+
     def evaluate(
         self,
         model: nn.Module,
@@ -164,5 +172,7 @@ class Evaluator:
             )
         if stage != "vqvae":  # a GAN always samples; a VQ-VAE once its prior trains
             self.samples(model, out / f"round_{server_round:03d}.png")
+            if not (out / "real.png").exists():
+                self.real_samples(out / "real.png")
             metrics |= self.quality(model, downstream)
         return metrics

@@ -34,9 +34,9 @@ from datetime import date
 import torch
 from opacus.optimizers import DPOptimizer
 
-from fedgen.config import ModelConfig
+from fedgen.config import ModelConfig, load_config
 from fedgen.dp_sgd import make_private
-from fedgen.models import Discriminator, ScatterDiscriminator
+from fedgen.models import Discriminator, build_discriminator
 from fedgen.secure_random import SecureRandom
 from fedgen.training import discriminator_step, resolve_device
 from fedgen.vqvae import VQVAE, CodePrior, prior_loss, vqvae_loss
@@ -45,10 +45,10 @@ Batch = tuple[torch.Tensor, ...]
 
 
 def _module(kind: str, cfg: ModelConfig) -> torch.nn.Module:
+    if kind == "gan-scatter":
+        return build_discriminator(cfg.model_copy(update={"discriminator": "scatter"}), 10)
     if kind == "gan":
         return Discriminator(cfg.discriminator_channels, 10, cfg.groups)
-    if kind == "gan-scatter":
-        return ScatterDiscriminator(10, cfg.discriminator_hidden, cfg.discriminator_head)
     return VQVAE(cfg) if kind == "vqvae" else CodePrior(cfg, 10)
 
 
@@ -126,15 +126,32 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="steps per trial")
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--device", default="auto")
+    ap.add_argument(
+        "--baseline",
+        choices=["gan", "gan-scatter"],
+        help="also time this model's DP step, alternating with the others, and print the "
+        "DP throughput ratio (e.g. --model gan-scatter --baseline gan)",
+    )
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        help="model.key=value override, e.g. "
+        "model.scatter_stride=2 (applies to --model, not to --baseline)",
+    )
     args = ap.parse_args()
 
     device = resolve_device(args.device)
     cfg = ModelConfig()  # the default sizes of every model
+    if args.set:
+        cfg = load_config(None, args.set).model
     batches = _batches(args.model, cfg, args.steps, args.batch_size, device)
     steps = {name: _setup(args.model, name, cfg, args.batch_size, device) for name in VARIANTS}
+    if args.baseline:
+        steps["baseline-dp"] = _setup(args.baseline, "dp", ModelConfig(), args.batch_size, device)
     for step in steps.values():  # warm-up: allocator, kernels, hooks
         _trial(step, batches[:3], device)
-    rates: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    rates: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(args.trials):
         for name, step in steps.items():
             rates[name].append(_trial(step, batches, device))
@@ -159,6 +176,14 @@ def main() -> None:
     print(f"DP-SGD (MT noise) {dp_mt:10.1f} samples/s")
     print(f"slowdown DP/plain {plain / dp:10.3f}x   (goal on a GPU: <= 1.5)")
     print(f"secure noise cost {dp_mt / dp:10.3f}x   (DP with MT noise / DP with ChaCha20)")
+    if args.baseline:
+        base = statistics.median(rates["baseline-dp"])
+        result["baseline"] = args.baseline
+        result["baseline_dp_samples_per_s"] = round(base, 1)
+        result["dp_throughput_over_baseline"] = round(dp / base, 3)
+        print(f"baseline DP-SGD    {base:10.1f} samples/s ({args.baseline}, default sizes)")
+        print(f"DP speed-up       {dp / base:10.3f}x   ({args.model} over {args.baseline})")
+    result["overrides"] = args.set
     print(json.dumps(result))
 
 
