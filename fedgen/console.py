@@ -86,7 +86,6 @@ class RunConsole:
         self._progress: Any = None  # rich.progress.Progress, on a terminal only
         self._task: Any = None
         self._epsilon: float | None = None
-        self._round = 0
 
     # --- opening and closing ----------------------------------------------------------
     def __enter__(self) -> RunConsole:
@@ -179,11 +178,10 @@ class RunConsole:
 
     # --- what is written --------------------------------------------------------------
     def _to_log(self, line: str) -> None:
-        if self._log is None:
-            return
         with self._lock:
-            self._log.write(_ANSI.sub("", line) + "\n")
-            self._log.flush()
+            if self._log is not None:  # None once closed
+                self._log.write(_ANSI.sub("", line) + "\n")
+                self._log.flush()
 
     def _drain(self, read_fd: int) -> None:
         """Copy everything written to fds 1 and 2 into the log, line by line."""
@@ -226,7 +224,6 @@ class RunConsole:
 
     # --- RoundProgress ------------------------------------------------------------------
     def round_started(self, server_round: int, sampled: int) -> None:
-        self._round = server_round
         if self._progress is None:
             self.say(
                 f"[fedgen] round {server_round}/{self.total_rounds}: "

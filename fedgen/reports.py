@@ -443,7 +443,7 @@ _EVALUATION_ROWS = (
     ("label_consistency", "label consistency", "{:.4f}"),
     ("inception_fid", "Inception FID", "{:.2f}"),
     ("downstream_accuracy", "downstream accuracy on real test images", "{:.4f}"),
-    ("downstream_train_examples", "  classifier trained on generated images", "{}"),
+    ("downstream_train_examples", "  generated images it was trained on", "{}"),
     ("downstream_selected_epoch", "  epoch chosen on held-out generated images", "{}"),
     ("recon_mse", "reconstruction MSE", "{:.5f}"),
     ("psnr", "reconstruction PSNR (dB)", "{:.2f}"),

@@ -57,7 +57,7 @@ def test_version_is_the_installed_package_version():
 def _commands() -> dict[str, argparse.ArgumentParser]:
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return dict(sub.choices)
+    return {"fedgen": parser, **sub.choices}
 
 
 def test_every_command_has_an_example_help_on_every_argument_and_shows_defaults():
@@ -67,7 +67,8 @@ def test_every_command_has_an_example_help_on_every_argument_and_shows_defaults(
     )
     for name, parser in commands.items():
         text = " ".join(parser.format_help().split())  # argparse wraps lines anywhere
-        assert f"examples: fedgen {name}" in text, name
+        if name != "fedgen":
+            assert f"examples: fedgen {name}" in text, name
         for action in parser._actions:
             assert action.help, f"fedgen {name}: {action.dest} has no help text"
             default = action.default
