@@ -282,6 +282,56 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _explain(args: argparse.Namespace) -> int:
+    from fedgen.explain import ExplainSettings, explain_model
+    from fedgen.models import build_model
+
+    run, cfg = _load_run(args.run_dir, args.set)
+    round_, state = run.checkpoint(args.checkpoint)
+    if cfg.model.type == "vqvae" and round_ <= cfg.federation.rounds:
+        raise ValueError(
+            f"checkpoint of round {round_} predates the prior's rounds, so the prior is "
+            "untrained and there are no codes to explain; "
+            + (
+                f"pick one of rounds {cfg.federation.rounds + 1}..{cfg.total_rounds}"
+                if cfg.federation.prior_rounds
+                else "run with federation.prior_rounds >= 1"
+            )
+        )
+    settings = ExplainSettings(columns=args.columns, label=args.label, seed=args.seed)
+    settings.check()  # before the evaluator is loaded or trained
+    model = build_model(cfg.model)
+    model.load_state_dict(state)
+    evaluator = None
+    if not args.no_evaluator:
+        from fedgen.data import DataError
+        from fedgen.evaluation import Evaluator
+
+        # The evaluation side's classifier, cached; trained on its own copy of the data
+        # the first time (fedgen evaluate uses the same one).
+        try:
+            evaluator, _ = Evaluator(cfg).evaluator
+        except DataError as err:
+            raise DataError(f"{err} (the evaluator needs it; or pass --no-evaluator)") from None
+    out = Path(args.out) if args.out else run.path / "explain"
+    print(f"[fedgen] explaining round {round_} of {run.path} ({cfg.model.type})", flush=True)
+    index = explain_model(
+        model,
+        cfg.model.type,
+        round_,
+        out,
+        settings,
+        cfg.data.dataset,
+        evaluator,
+        {"run_dir": str(run.path)},
+    )
+    for figure in index["figures"]:
+        print(f"[fedgen]   {figure['file']:<30} {figure['title']}")
+    print(f"[fedgen] {index['privacy']}")
+    print(f"[fedgen] wrote {len(index['figures'])} figures and explain.json to {out}")
+    return 0
+
+
 def _config_reference(args: argparse.Namespace) -> int:
     from fedgen.config import config_reference_markdown
 
@@ -493,6 +543,42 @@ def build_parser() -> argparse.ArgumentParser:
         "where a simulation keeps them)",
     )
     ver.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    exp = add_command(
+        sub,
+        "explain",
+        "draw what a run's released generator does (class grid, interpolations, latent "
+        "directions or codebook, saliency) into RUN_DIR/explain; costs no privacy",
+        [
+            "fedgen explain runs/quickstart",
+            "fedgen explain runs/mnist-vqvae --label 3 --out vq-explained",
+        ],
+        _explain,
+    )
+    exp.add_argument("run_dir", metavar="RUN_DIR", help="a run directory of fedgen simulate")
+    exp.add_argument("--checkpoint", type=int, help="round to load (default: the latest)")
+    exp.add_argument(
+        "--out", help="folder for the PNGs and explain.json (default: RUN_DIR/explain)"
+    )
+    exp.add_argument(
+        "--label", type=int, default=0, help="class of the per-class figures (traversal, prior)"
+    )
+    exp.add_argument(
+        "--columns", type=int, default=8, help="latents in the class grid, samples shown per class"
+    )
+    exp.add_argument("--seed", type=int, default=0, help="seed of the latents and samples drawn")
+    exp.add_argument(
+        "--no-evaluator",
+        action="store_true",
+        help="skip the evaluator's saliency (it needs the evaluation side's data, data.*)",
+    )
+    exp.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a setting of the run's config (e.g. data.root=... for the evaluator)",
+    )
 
     ref = add_command(
         sub,
