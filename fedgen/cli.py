@@ -332,6 +332,58 @@ def _explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _audit(args: argparse.Namespace) -> int:
+    from fedgen.audit import (
+        AUDIT_FAILED,
+        AuditSettings,
+        audit_device,
+        audit_run,
+        compare_runs,
+        format_audit,
+    )
+
+    settings = AuditSettings(
+        generated_per_class=args.generated_per_class,
+        reference_per_class=args.reference_per_class,
+        mia_examples=args.mia_examples,
+        reference_steps=args.reference_steps,
+        client=args.client,
+        seed=args.seed,
+    )
+    device_args = {"--weights": args.weights, "--config": args.config, "--data": args.data,
+                   "--heldout": args.heldout}  # fmt: skip
+    if any(device_args.values()):
+        if args.run_dir or args.compare:
+            raise ValueError("give either RUN_DIR or --weights/--config/--data/--heldout, not both")
+        missing = [flag for flag, value in device_args.items() if not value]
+        if missing:
+            raise ValueError(
+                f"a device's own audit needs {', '.join(missing)} too: the released weights, "
+                "the run's config.yaml, the device's data and real images it never trained on"
+            )
+        out = Path(args.out or "audit")
+        print(f"[fedgen] auditing {args.weights} against {args.data} (this device's data)")
+        result = audit_device(args.weights, args.config, args.data, args.heldout, out, settings)
+    else:
+        if not args.run_dir:
+            raise ValueError(
+                "give a run directory (fedgen audit RUN_DIR), or audit on a device with "
+                "--weights, --config, --data and --heldout"
+            )
+        if args.out:
+            raise ValueError("--out is for a device's audit; a run's goes to RUN_DIR/audit")
+        print(f"[fedgen] auditing {args.run_dir}", flush=True)
+        result = audit_run(args.run_dir, settings, args.checkpoint, args.set)
+        out = Path(result["run_dir"]) / "audit"
+        if args.compare:
+            print(f"[fedgen] auditing {args.compare} to compare", flush=True)
+            compare_runs(result, audit_run(args.compare, settings, None, args.set))
+    print()
+    print(format_audit(result))
+    print(f"\n[fedgen] wrote {out / 'audit.json'} and {len(result['figures'])} figures")
+    return AUDIT_FAILED if result["verdict"] != "consistent" else 0
+
+
 def _config_reference(args: argparse.Namespace) -> int:
     from fedgen.config import config_reference_markdown
 
@@ -579,6 +631,64 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a setting of the run's config (e.g. data.root=... for the evaluator)",
     )
+
+    aud = add_command(
+        sub,
+        "audit",
+        "measure leakage from a run's released weights (memorisation, membership "
+        "inference, canaries' lower bound on epsilon) into RUN_DIR/audit; exit 3 if the "
+        "lower bound exceeds the accountant's epsilon",
+        [
+            "fedgen audit runs/mnist-dp",
+            "fedgen audit runs/mnist-dp --compare runs/mnist-nodp",
+            "fedgen audit --weights round_040.safetensors --config config.yaml "
+            "--data my-images --heldout my-unused-images --out my-audit",
+        ],
+        _audit,
+    )
+    aud.add_argument(
+        "run_dir", nargs="?", metavar="RUN_DIR", help="a run directory of fedgen simulate"
+    )
+    aud.add_argument(
+        "--compare", metavar="OTHER_RUN_DIR", help="audit this run too and show both side by side"
+    )
+    aud.add_argument("--checkpoint", type=int, help="round to load (default: the latest)")
+    aud.add_argument(
+        "--client", type=int, default=0, help="the client whose examples are the members"
+    )
+    aud.add_argument(
+        "--generated-per-class", type=int, default=50, help="generated images per class"
+    )
+    aud.add_argument(
+        "--reference-per-class",
+        type=int,
+        default=300,
+        help="training and held-out images per class the generated ones are compared with",
+    )
+    aud.add_argument(
+        "--mia-examples", type=int, default=1000, help="members attacked (and as many non-members)"
+    )
+    aud.add_argument(
+        "--reference-steps",
+        type=int,
+        default=300,
+        help="training steps of the calibrated attack's reference model, at most the run's "
+        "planned steps per client (0: no calibrated attack)",
+    )
+    aud.add_argument("--seed", type=int, default=0, help="seed of the audit's own draws")
+    aud.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a setting of the run's config (e.g. data.root=...)",
+    )
+    dev = aud.add_argument_group("a data owner's audit on its own device (deployed runs)")
+    dev.add_argument("--weights", metavar="CHECKPOINT", help="released weights (.safetensors)")
+    dev.add_argument("--config", metavar="CONFIG", help="the run's config.yaml")
+    dev.add_argument("--data", metavar="PATH", help="the device's training data")
+    dev.add_argument("--heldout", metavar="PATH", help="real images the device never trained on")
+    dev.add_argument("--out", metavar="DIR", help="folder for audit.json and PNGs (default: audit)")
 
     ref = add_command(
         sub,

@@ -527,4 +527,9 @@ def client_partition(cfg: FedgenConfig, partition_id: int, num_partitions: int) 
     if not 0 <= partition_id < num_partitions:
         raise DataError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
     data = load_dataset(cfg.data, "train", seed=cfg.seed)
-    return data.subset(federated_partitions(cfg, data.labels, num_partitions)[partition_id])
+    own = data.subset(federated_partitions(cfg, data.labels, num_partitions)[partition_id])
+    if cfg.privacy.canaries:
+        from fedgen.canaries import add_canaries  # audit canaries: simulation only
+
+        own = add_canaries(cfg, own, partition_id)
+    return own

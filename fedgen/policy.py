@@ -47,6 +47,7 @@ __all__ = [
 DECLINE_CODES = {
     "dp-disabled": "the request turns DP-SGD off",
     "reproducible-noise": "the request asks for noise seeded from the server's config",
+    "canaries": "the request asks the device to train on audit canaries (simulation only)",
     "delta-mismatch": "the request's delta differs from the device's",
     "delta-too-large": "delta is not below 1/n, which would permit leaking whole examples",
     "neighboring-mismatch": "the request's neighbouring relation differs from the device's",
@@ -98,6 +99,7 @@ class DevicePolicy:
     public_num_examples: int | None = None  # add_remove: the size the owner declares public
     require_dp: bool = True
     allow_reproducible_noise: bool = False
+    allow_canaries: bool = False  # audit canaries: a simulated client only
     source: str = "defaults"
 
     def __post_init__(self) -> None:
@@ -171,6 +173,7 @@ class DevicePolicy:
             public_num_examples=p.public_num_examples,
             require_dp=p.enabled,
             allow_reproducible_noise=p.reproducible_noise,
+            allow_canaries=True,
             source="simulation config",
         )
 
@@ -207,6 +210,8 @@ def check_request(policy: DevicePolicy, cfg: FedgenConfig, num_examples: int) ->
     p = cfg.privacy
     if policy.require_dp and not p.enabled:
         raise Decline("dp-disabled", "privacy.enabled=false")
+    if p.canaries and not policy.allow_canaries:
+        raise Decline("canaries", f"privacy.canaries={p.canaries}")
     if not p.enabled:
         return  # a simulation whose own config turns DP off (its report says so)
     if p.reproducible_noise and not policy.allow_reproducible_noise:

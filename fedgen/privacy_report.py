@@ -16,6 +16,7 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any
 
+from fedgen.canaries import canary_statement
 from fedgen.config import FedgenConfig
 from fedgen.console import plural
 from fedgen.privacy import PLD_DISCRETIZATION, epsilon_of, recompute_recipe
@@ -269,6 +270,7 @@ class PrivacyLedger:
             "clients": dict(sorted(self.clients.items(), key=lambda kv: client_sort_key(kv[0]))),
             "unidentified_nodes": self.unidentified,
             "recompute": recompute_recipe(p.accountant, p.neighboring),
+            "canaries": canary_statement(self.cfg),
         }
 
 
@@ -398,6 +400,8 @@ def privacy_markdown(report: dict[str, Any]) -> str:
             f"- **Recompute** any client's epsilon from its row: `{report['recompute']}`.",
             "",
         ]
+    if report.get("canaries"):
+        lines += [f"**Audit canaries**: {report['canaries']['text']}.", ""]
     lines += [
         "| client | epsilon | examples | noise multiplier | sample rate | steps (done/planned) | rounds | tally |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",

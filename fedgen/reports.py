@@ -11,6 +11,8 @@ Layout of a run directory:
     samples/round_NNN.png  class-conditional samples, one row per class
     checkpoints/round_NNN.safetensors  global weights after each round
     audit_log.jsonl        hash-chained record of every round (fedgen.audit_log)
+    canaries.json          with privacy.canaries: which canaries client 0 trained on
+    audit/                 written by `fedgen audit` (fedgen.audit): audit.json and PNGs
 """
 
 from __future__ import annotations

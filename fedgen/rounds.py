@@ -95,6 +95,10 @@ def preflight(cfg: FedgenConfig) -> tuple[list[int], ClientPrivacyState, list[st
     privacy plan (the noisiest one) and notices. Raises DataError or ValueError with the fix."""
     data = load_dataset(cfg.data, "train", seed=cfg.seed)
     sizes = [len(p) for p in federated_partitions(cfg, data.labels, cfg.federation.num_clients)]
+    if cfg.privacy.canaries:
+        from fedgen.canaries import CANARY_CLIENT, canary_slots
+
+        sizes[CANARY_CLIENT] += canary_slots(cfg)  # the canary client trains on them too
     smallest = min(sizes)
     p = cfg.privacy
     try:  # the checks every device makes, run once here for the smallest client
@@ -110,6 +114,12 @@ def preflight(cfg: FedgenConfig) -> tuple[list[int], ClientPrivacyState, list[st
         notices.append(
             "privacy.reproducible_noise is on: the DP noise is seeded from the config, which the "
             "server knows, so the epsilon holds only against outsiders (devices refuse it)"
+        )
+    if p.canaries:
+        notices.append(
+            f"privacy.canaries={p.canaries}: client 0 trains on audit canaries (simulation "
+            "only); they count as its examples and cost its privacy; `fedgen audit RUN_DIR` "
+            "turns them into a lower bound on epsilon"
         )
     return sizes, plan, notices
 
@@ -261,6 +271,10 @@ class RoundRecorder:
         self.audit = AuditLog(run_dir.path)
         self._audit_entry: dict[str, Any] | None = None  # the last round's sealed entry
 
+        if cfg.privacy.canaries:
+            from fedgen.canaries import write_canary_record
+
+            write_canary_record(cfg, run_dir.path)  # which canaries were in: for the audit
     def server_state(self) -> dict[str, Any]:
         """The recorder's part of what a resumed run needs (see `RunDir.save_server_state`)."""
         return {
