@@ -365,16 +365,6 @@ class PrivacyConfig(_Section):
         "an empirical lower bound on epsilon (Steinke, Nasr and Jagielski, 2023). They are "
         "training examples: they raise client 0's n and cost privacy. 0: off.",
     )
-    canaries: int = Field(
-        0,
-        ge=0,
-        le=100_000,
-        description="Audit canaries (simulation only; devices decline them): simulated "
-        "client 0 trains on this many out-of-distribution canaries, each included with "
-        "probability 1/2, and `fedgen audit` turns its guesses of which were included into "
-        "an empirical lower bound on epsilon (Steinke, Nasr and Jagielski, 2023). They are "
-        "training examples: they raise client 0's n and cost privacy. 0: off.",
-    )
 
     @model_validator(mode="after")
     def _relation(self) -> PrivacyConfig:

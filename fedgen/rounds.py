@@ -270,11 +270,11 @@ class RoundRecorder:
         self._quality: list[dict[str, Any]] = []  # metrics lines with quality figures
         self.audit = AuditLog(run_dir.path)
         self._audit_entry: dict[str, Any] | None = None  # the last round's sealed entry
-
         if cfg.privacy.canaries:
             from fedgen.canaries import write_canary_record
 
             write_canary_record(cfg, run_dir.path)  # which canaries were in: for the audit
+
     def server_state(self) -> dict[str, Any]:
         """The recorder's part of what a resumed run needs (see `RunDir.save_server_state`)."""
         return {
