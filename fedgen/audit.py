@@ -83,7 +83,7 @@ AUDIT_FAILED = 3  # exit code when the empirical lower bound exceeds the account
 
 @dataclass(frozen=True)
 class AuditSettings:
-    """Sizes of the audit (small enough for a CPU: about half a minute on MNIST)."""
+    """Sizes of the audit (small enough for a CPU: about a minute on MNIST)."""
 
     generated_per_class: int = 50  # generated images per class (memorisation)
     reference_per_class: int = 300  # training and held-out images per class (each)
