@@ -384,6 +384,22 @@ def _audit(args: argparse.Namespace) -> int:
     return AUDIT_FAILED if result["verdict"] != "consistent" else 0
 
 
+def _card(args: argparse.Namespace) -> int:
+    from fedgen.card import write_card
+
+    path, card = write_card(
+        args.run_dir, args.out, args.ledgers, not args.no_training_images, args.run_missing
+    )
+    verdict = card["verification"]["verdict"]
+    not_run = [k for k in ("quality", "leakage", "explanations") if card[k]["status"] != "done"]
+    print(
+        f"[fedgen] wrote {path} (verification {verdict}"
+        + (f"; not run: {', '.join(not_run)}, see the card or use --run-missing" if not_run else "")
+        + ")"
+    )
+    return 0
+
+
 def _config_reference(args: argparse.Namespace) -> int:
     from fedgen.config import config_reference_markdown
 
@@ -689,6 +705,37 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--data", metavar="PATH", help="the device's training data")
     dev.add_argument("--heldout", metavar="PATH", help="real images the device never trained on")
     dev.add_argument("--out", metavar="DIR", help="folder for audit.json and PNGs (default: audit)")
+
+    card = add_command(
+        sub,
+        "card",
+        "write one self-contained HTML page about a run for a data owner or auditor: privacy "
+        "promise, verification, quality, leakage and explanations (default RUN_DIR/card.html)",
+        [
+            "fedgen card runs/quickstart",
+            "fedgen card runs/mnist-dp --run-missing --out mnist-dp-card.html",
+        ],
+        _card,
+    )
+    card.add_argument("run_dir", metavar="RUN_DIR", help="a run directory of fedgen simulate")
+    card.add_argument("--out", metavar="FILE", help="where to write the page")
+    card.add_argument(
+        "--run-missing",
+        action="store_true",
+        help="run fedgen evaluate, explain and audit first where their output is missing "
+        "(verify always runs)",
+    )
+    card.add_argument(
+        "--no-training-images",
+        action="store_true",
+        help="leave out the audit figures that show training images (the closest pairs)",
+    )
+    card.add_argument(
+        "--ledgers",
+        metavar="DIR",
+        help="devices' ledger folder (default: RUN_DIR/client-ledgers, where a simulation "
+        "keeps them)",
+    )
 
     ref = add_command(
         sub,
