@@ -352,7 +352,7 @@ def _quality(run: Path, src: _Sources, latest: int | None) -> dict[str, Any]:
         value = metrics[key]
         text = "skipped" if value is None else (_pct(value) if kind == "pct" else _num(value))
         rows.append({"label": label, "value": text, "meaning": meaning})
-    if "downstream_accuracy" not in metrics and any(k == "frechet_distance" for k in metrics):
+    if "downstream_accuracy" not in metrics and "frechet_distance" in metrics:
         rows.insert(
             0,
             {
@@ -374,9 +374,9 @@ def _quality(run: Path, src: _Sources, latest: int | None) -> dict[str, Any]:
                 src,
                 generated,
                 f"Generated, round {round_}",
-                "One row per class, the same "
-                "noise every time (rows of successive rounds are comparable).",
-            )  # fmt: skip
+                "One row per class, the same noise every time (rows of successive rounds "
+                "are comparable).",
+            )
         )
     if real is not None:
         pair.append(
@@ -385,7 +385,7 @@ def _quality(run: Path, src: _Sources, latest: int | None) -> dict[str, Any]:
                 real,
                 "Real test images",
                 "Real test images laid out the same way (public evaluation data, not a client's).",
-            )  # fmt: skip
+            )
         )
     figures = []
     if recon is not None:
@@ -395,16 +395,16 @@ def _quality(run: Path, src: _Sources, latest: int | None) -> dict[str, Any]:
                 recon,
                 f"Reconstructions, round {_round_of(recon)}",
                 "Top: real test images; bottom: the same images through the VQ-VAE.",
-            )  # fmt: skip
+            )
         )
     figures.append(
         _figure(
             src,
             run / "quality.png",
             "Quality over rounds",
-            "The server's quality "
-            "figures after each evaluated round, against the round and the ε spent.",
-        )  # fmt: skip
+            "The server's quality figures after each evaluated round, against the round and "
+            "the ε spent.",
+        )
     )
     return {
         "status": "done",
