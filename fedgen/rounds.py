@@ -136,8 +136,10 @@ def client_round(
     seed: int,
     proximal_mu: float = 0.0,
     server_round: int = 1,
+    optimizer_state: dict[str, torch.Tensor] | None = None,
 ) -> tuple[LocalResult, ClientPrivacyState]:
-    """Train the global model on one client's data for one round of its stage."""
+    """Train the global model on one client's data for one round of its stage.
+    `optimizer_state`: what this client kept from its previous round (GAN only)."""
     stage = cfg.stage(server_round)
     steps = cfg.local_steps_for(stage)
     spent = sum(h[2] for h in privacy.history)
@@ -163,6 +165,7 @@ def client_round(
             seed,
             proximal_mu,
             privacy.sample_rate,
+            optimizer_state if cfg.training.keep_optimizer_state else None,
         )
     else:
         result = _train_vqvae_stage(
