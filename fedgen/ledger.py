@@ -296,7 +296,8 @@ def format_ledger(path: Path) -> str:
         )
     cap = policy.get("lifetime_max_epsilon")
     lines.append(
-        f"  lifetime: epsilon {eps(lifetime):.4f} over {len(runs)} run(s)"
+        f"  lifetime: epsilon {eps(lifetime):.4f} over {len(runs)} run"
+        + ("" if len(runs) == 1 else "s")
         + (f" of at most {cap:g}" if cap is not None else "")
     )
     chain = content.get("chain", [])

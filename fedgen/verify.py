@@ -57,6 +57,7 @@ from fedgen.audit_log import (
     plain_history,
     run_genesis,
 )
+from fedgen.console import plural
 
 __all__ = [
     "Check",
@@ -402,7 +403,7 @@ def _check_checkpoints(run: _Run) -> Check:
                 run.rel(path), "is in no audit log entry (weights the log does not account for)"
             )
     check.summary = (
-        f"{len(named)} checkpoint(s), each byte for byte the one its round's entry names"
+        f"{plural(len(named), 'checkpoint')}, each byte for byte the one its round's entry names"
     )
     return check
 
@@ -420,7 +421,7 @@ def _check_samples(run: _Run) -> Check:
                 check.fail(rel, "its bytes differ from the SHA-256 in the audit log")
     if not count:
         check.skipped = "no round of this run wrote a sample grid"
-    check.summary = f"{count} image(s) of evaluated rounds, byte for byte as logged"
+    check.summary = f"{plural(count, 'image')} of evaluated rounds, byte for byte as logged"
     return check
 
 
@@ -656,7 +657,9 @@ def _check_server_state(run: _Run) -> Check:
             check.fail(rel, difference)
     if not states:
         check.skipped = "no saved server state (checkpoints/server_*.json)"
-    check.summary = f"{len(states)} saved state(s), each the server's record as logged at its round"
+    check.summary = (
+        f"{plural(len(states), 'saved state')}, each the server's record as logged at its round"
+    )
     return check
 
 
@@ -806,7 +809,7 @@ def _ledger_checks(files: list[Path], root: Path) -> tuple[list[Check], dict[str
             for problem in problems:
                 checks[key].fail(rel, problem)
     for key, _, summary in _LEDGER_CHECKS:
-        checks[key].summary = f"{len(ledgers)} ledger(s): {summary}"
+        checks[key].summary = f"{plural(len(ledgers), 'ledger')}: {summary}"
     return list(checks.values()), ledgers
 
 
@@ -904,7 +907,7 @@ def _verify_run(root: Path, ledgers: str | Path | None) -> dict[str, Any]:
                 device.problems.append(problem)
             device.files += [f for f in c.files if f not in device.files]
         device.summary = (
-            f"{len(found)} ledger(s): each chain intact, each run and epsilon as it says"
+            f"{plural(len(found), 'ledger')}: each chain intact, each run and epsilon as it says"
         )
         checks += [device, _check_devices(run, found)]
     else:
