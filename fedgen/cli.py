@@ -22,7 +22,7 @@ def _simulate(args: argparse.Namespace) -> int:
     from fedgen.config import load_config, resumable_config
     from fedgen.console import RunConsole, plural
     from fedgen.reports import RunDir, format_privacy_table, load_privacy_report, write_atomic
-    from fedgen.rounds import preflight
+    from fedgen.rounds import finish_committed_round, preflight
 
     if args.resume:
         if args.out:
@@ -81,8 +81,9 @@ def _simulate(args: argparse.Namespace) -> int:
         # command does; and inside the console, so what Flower and Ray print goes to the log.
         from server.simulation import simulate
 
-        # A finished run has nothing left to train: say so without starting Ray.
-        if not (args.resume and run_dir.finish_if_done(cfg, run_dir.resume_point()[0])):
+        # A finished run has nothing left to train: say so without starting Ray (a stop
+        # in its last round may have left that round's report or metrics to write).
+        if not (args.resume and run_dir.finish_if_done(cfg, finish_committed_round(cfg, run_dir))):
             try:
                 simulate(cfg, run_dir, resume=bool(args.resume), progress=console)
             except KeyboardInterrupt:

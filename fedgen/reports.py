@@ -25,6 +25,7 @@ import platform
 import sys
 import tempfile
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -38,6 +39,7 @@ from safetensors.torch import load_file, save_file
 
 from fedgen.config import FedgenConfig
 from fedgen.console import plural, say
+from fedgen.killpoints import kill_point
 from fedgen.privacy_report import (
     PrivacyLedger,
     client_sort_key,
@@ -131,16 +133,22 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def save_tensors(
-    path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+    path: Path,
+    state: dict[str, torch.Tensor],
+    metadata: dict[str, str] | None = None,
+    before_rename: Callable[[], None] | None = None,
 ) -> None:
     """Safetensors with a SHA-256 of the tensors in its metadata, written atomically: a
-    crash leaves the previous file or the new one, never half a file."""
+    crash leaves the previous file or the new one, never half a file. `before_rename`
+    runs between the two (a test's kill point)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     save_file(tensors, str(tmp), metadata={**(metadata or {}), "sha256": tensors_digest(tensors)})
     with open(tmp, "rb+") as fh:
         os.fsync(fh.fileno())
+    if before_rename is not None:
+        before_rename()
     os.replace(tmp, path)
     fsync_dir(path.parent)
 
@@ -167,6 +175,20 @@ def fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# What the server writes at the top of a run directory by write-and-rename (figures by
+# their stem: `.quality.tmp.png`).
+_SERVER_FILES = (
+    "config.yaml",
+    "manifest.json",
+    "metrics.jsonl",
+    "privacy_report.json",
+    "privacy_report.md",
+    "privacy_epsilon",
+    "quality",
+    "audit_log.jsonl",
+)
 
 
 class RunDir:
@@ -237,7 +259,12 @@ class RunDir:
 
     def save_checkpoint(self, server_round: int, state: dict[str, torch.Tensor]) -> Path:
         path = self.checkpoints / f"round_{server_round:03d}.safetensors"
-        save_tensors(path, state, {"round": str(server_round)})
+        save_tensors(
+            path,
+            state,
+            {"round": str(server_round)},
+            before_rename=lambda: kill_point("checkpoint", server_round),
+        )
         return path
 
     def checkpoint(self, server_round: int | None = None) -> tuple[int, dict[str, torch.Tensor]]:
@@ -264,7 +291,8 @@ class RunDir:
         self, server_round: int, state: dict[str, Any], strategy: dict[str, torch.Tensor]
     ) -> None:
         """What the server needs, besides the round's checkpoint, to continue after
-        `server_round`: written last, so a state file always has its checkpoint."""
+        `server_round`: written after the checkpoint, so a state file always has its
+        checkpoint. Its rename commits the round (see `fedgen.rounds.RoundRecorder.record`)."""
         if strategy:
             save_tensors(self.checkpoints / f"strategy_{server_round:03d}.safetensors", strategy)
         write_atomic(
@@ -272,15 +300,22 @@ class RunDir:
             json.dumps({"round": server_round, "has_strategy": bool(strategy), **state}),
         )
 
+    def seal_server_state(self, server_round: int, audit_entry: dict[str, Any]) -> None:
+        """Add the round's audit log entry to its saved state, once the log holds it."""
+        path = self.checkpoints / f"server_{server_round:03d}.json"
+        state = json.loads(path.read_text())
+        if state.get("audit_entry") != audit_entry:
+            write_atomic(path, json.dumps({**state, "audit_entry": audit_entry}))
+
     def resume_point(self) -> tuple[int, dict[str, torch.Tensor], dict[str, Any], dict]:
         """The last round whose checkpoint and server state are both intact: (round,
         weights, server state, strategy tensors). Damaged files are reported and the
-        round before is used."""
+        round before is used. No state at all (stopped before its first round was
+        committed): round 0 and nothing else, so the run starts again from its first round
+        under its own run id."""
         states = sorted(self.checkpoints.glob("server_*.json"), key=_round_of, reverse=True)
         if not states:
-            raise FileNotFoundError(
-                f"{self.path} has no completed round to resume from (no checkpoints/server_*.json)"
-            )
+            return 0, {}, {}, {}
         for path in states:
             server_round = int(path.stem.split("_")[1])
             try:
@@ -302,6 +337,24 @@ class RunDir:
                 continue
             return server_round, weights, state, strategy
         raise CheckpointError(f"no intact round to resume from in {self.checkpoints}")
+
+    def remove_partial_writes(self) -> list[Path]:
+        """Delete the temporary files of the server's writes a crash cut short: hidden files
+        in checkpoints/ and samples/, and those of the run directory's own files (each is
+        renamed over its target only when whole, so none holds anything the run needs).
+        Returns what was removed."""
+        ours = [p for d in (self.checkpoints, self.samples) if d.is_dir() for p in d.glob(".*")]
+        ours += [
+            path
+            for path in self.path.glob(".*")
+            if path.name[1:].startswith(tuple(f"{name}." for name in _SERVER_FILES))
+        ]
+        removed = []
+        for path in ours:
+            if path.is_file():
+                path.unlink()
+                removed.append(path)
+        return removed
 
     def saved_privacy_clients(self) -> dict[str, Any]:
         try:

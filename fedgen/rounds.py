@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 
 from fedgen.audit_log import (
+    LOG_NAME,
     AuditLog,
     config_digest,
     digest,
@@ -24,9 +25,10 @@ from fedgen.audit_log import (
     state_entry,
 )
 from fedgen.config import FedgenConfig
-from fedgen.console import plural, round_summary
+from fedgen.console import plural, round_summary, say
 from fedgen.data import NUM_CLASSES, Dataset, federated_partitions, load_dataset, to_tensors
 from fedgen.evaluation import Evaluator
+from fedgen.killpoints import kill_point
 from fedgen.models import build_model
 from fedgen.policy import DECLINE_CODES, Decline, DevicePolicy, check_request, plan_for
 from fedgen.privacy import HistoryEntry, epsilon_of
@@ -41,6 +43,7 @@ __all__ = [
     "client_round",
     "RoundRecorder",
     "client_seed",
+    "finish_committed_round",
 ]
 
 # Known, harmless warnings from Opacus/PyTorch that would otherwise repeat every round.
@@ -252,6 +255,31 @@ def latest_clients(entries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return latest
 
 
+def logged_rounds(run_dir: RunDir) -> set[int]:
+    """Rounds with a `round` entry in the run's audit log (a line a stop cut short is none)."""
+    path = run_dir.path / LOG_NAME
+    rounds = set()
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            entry = json.loads(line)
+            if entry.get("kind") == "round":
+                rounds.add(int(entry["round"]))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            continue
+    return rounds
+
+
+def finish_committed_round(cfg: FedgenConfig, run_dir: RunDir) -> int:
+    """The last round `run_dir` committed (0: none). When a stop came before that round's
+    report, metrics line or log entry, they are written now, as a resumed federation
+    would (`RoundRecorder.restore`): a run stopped in its last round finishes without
+    starting one."""
+    last, weights, state, _ = run_dir.resume_point()
+    if last and last not in logged_rounds(run_dir):
+        RoundRecorder(cfg, run_dir).restore(state, run_dir.saved_privacy_clients(), weights)
+    return last
+
+
 def _plain(value: Any) -> Any:
     return [_plain(v) for v in value] if isinstance(value, tuple | list) else value
 
@@ -262,7 +290,14 @@ def _tuple(value: Any) -> Any:
 
 class RoundRecorder:
     """Server-side bookkeeping after each aggregation: metrics, checkpoint, samples and
-    the privacy report, all in the run directory."""
+    the privacy report, all in the run directory.
+
+    A round is committed by its server state (`checkpoints/server_NNN.json`), written after
+    its checkpoint and before anything that claims the round (privacy report, evaluation,
+    metrics line, audit log entry). The state holds what those need (`pending`), so a run
+    stopped at any moment resumes from its last committed round and writes what that
+    round had not written yet; a round not committed is sent again, and the devices that
+    trained it answer from their cache."""
 
     def __init__(self, cfg: FedgenConfig, run_dir: RunDir) -> None:
         self.cfg = cfg
@@ -271,39 +306,77 @@ class RoundRecorder:
         self.evaluator = Evaluator(cfg)
         self._round_start = time.perf_counter()
         self._quality: list[dict[str, Any]] = []  # metrics lines with quality figures
-        self.audit = AuditLog(run_dir.path)
-        self._audit_entry: dict[str, Any] | None = None  # the last round's sealed entry
         if cfg.privacy.canaries:
             from fedgen.canaries import write_canary_record
 
             write_canary_record(cfg, run_dir.path)  # which canaries were in: for the audit
+        self.audit = AuditLog(run_dir.path)
+        self._audit_entry: dict[str, Any] | None = None  # the last round's sealed entry
 
-    def server_state(self) -> dict[str, Any]:
-        """The recorder's part of what a resumed run needs (see `RunDir.save_server_state`)."""
+    def server_state(self, pending: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The recorder's part of what a resumed run needs (see `RunDir.save_server_state`).
+        `pending`: what the round's report, metrics line and log entry are made of."""
         return {
             "ledger": self.ledger.state(),
-            "quality": self._quality,
             # Flower samples clients with Python's `random`: its state, for the same draws.
             "random_state": _plain(random.getstate()),
-            # The round's audit log entry: a resumed run re-appends it if a crash lost it.
+            # The round's audit log entry, added once the log holds it (`seal_server_state`):
+            # a resumed run re-appends it if the log lost it.
             "audit_entry": self._audit_entry,
+            "pending": pending,
         }
 
-    def restore(self, state: dict[str, Any], reported: dict[str, Any] | None = None) -> None:
-        """Continue from a saved server state. `reported`: the clients of the privacy report
-        on disk, which may already hold the round the crash cut short: a client that
-        trained then keeps that longer history even if it never answers again."""
-        self.ledger.restore(state["ledger"], reported or {})
-        self._quality = list(state["quality"])
-        random.setstate(_tuple(state["random_state"]))
-        self._resume_audit(int(state.get("round", 0)), state.get("audit_entry"))
+    def restore(
+        self,
+        state: dict[str, Any],
+        reported: dict[str, Any] | None = None,
+        weights: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Continue from a saved server state (`RunDir.resume_point`; empty: none was
+        committed, the run starts again at round 1). `reported`: the clients of the privacy
+        report on disk, which may already hold a round that was cut short: a client that
+        trained then keeps that longer history even if it never answers again. A committed
+        round whose outputs the stop cut short gets them now, its evaluation recomputed
+        (`weights`: the round's, else read from its checkpoint)."""
+        last_round = int(state.get("round", 0))
+        self.run_dir.remove_partial_writes()
+        self.ledger.restore(state.get("ledger", {"clients": {}, "rounds": []}), {})
+        if "random_state" in state:
+            random.setstate(_tuple(state["random_state"]))
+        kept = self.audit.resume(last_round, state.get("audit_entry"))
+        self._audit_entry = None
+        logged = {int(e["round"]): e for e in kept if e.get("kind") == "round"}
+        if last_round and last_round not in logged and state.get("pending"):
+            self.run_dir.truncate_metrics(last_round - 1)
+            self._quality = self._quality_lines()
+            if weights is None:
+                weights = self.run_dir.checkpoint(last_round)[1]
+            say(
+                f"[fedgen] round {last_round} was saved before the stop; writing its report, "
+                "metrics and log entry now"
+                + (" (its evaluation recomputed)" if self._evaluates(last_round) else "")
+            )
+            self.print_progress(self._write_outputs(last_round, weights, state["pending"]))
+            kept.append(self._audit_entry or {})
+        else:
+            self.run_dir.truncate_metrics(last_round)
+            self._audit_entry = logged.get(last_round)
+            if self._audit_entry is not None:
+                self.run_dir.seal_server_state(last_round, self._audit_entry)
+        self._quality = self._quality_lines()
+        self.ledger.restore(state.get("ledger", {"clients": {}, "rounds": []}), reported or {})
+        self._resume_audit(last_round, kept)
 
-    def _resume_audit(self, last_round: int, saved: dict[str, Any] | None) -> None:
-        """Cut the audit log back to `last_round`, as the metrics are, and log what the
-        restore changed in the server's record (a client's longer history from the report
-        of the round that was cut short)."""
-        kept = self.audit.resume(last_round, saved)
-        self._audit_entry = saved
+    def _quality_lines(self) -> list[dict[str, Any]]:
+        """The metrics lines with quality figures, as `metrics.jsonl` holds them."""
+        path = self.run_dir.path / "metrics.jsonl"
+        text = path.read_text() if path.is_file() else ""
+        lines = [json.loads(x) for x in text.splitlines() if x.strip()]
+        return [line for line in lines if "frechet_distance" in line.get("eval", {})]
+
+    def _resume_audit(self, last_round: int, kept: list[dict[str, Any]]) -> None:
+        """Log what the restore changed in the server's record as the `kept` log entries
+        leave it (a client's longer history from the report of a round cut short)."""
         logged = latest_clients(kept)
         changed = {
             cid: client
@@ -336,7 +409,13 @@ class RoundRecorder:
         model.load_state_dict(state)
         mode = self.cfg.evaluation.downstream
         downstream = mode == "every" or (mode == "final" and server_round == self.cfg.total_rounds)
-        return self.evaluator.evaluate(model, server_round, self.run_dir.samples, downstream)
+        result = self.evaluator.evaluate(model, server_round, self.run_dir.samples, downstream)
+        kill_point("evaluation", server_round)
+        return result
+
+    def _evaluates(self, server_round: int) -> bool:
+        last = server_round in (self.cfg.federation.rounds, self.cfg.total_rounds)
+        return server_round % self.cfg.run.eval_every == 0 or last
 
     def record(
         self,
@@ -346,24 +425,53 @@ class RoundRecorder:
         failures: list[str],
         declined: list[dict[str, Any]] | None = None,
         missing: list[str] | None = None,
+        strategy: dict[str, torch.Tensor] | None = None,
     ) -> dict[str, Any]:
         """Write everything for a finished round; returns the metrics line. `missing`:
-        sampled clients that sent no update (carried as provisional in the report)."""
-        declined = declined or []
-        self.ledger.record_round(server_round, client_reports, declined, failures, missing)
+        sampled clients that sent no update (carried as provisional in the report);
+        `strategy`: the server optimiser's state after the round (FedAdam's moments).
+
+        Order: checkpoint, then server state (the commit), then what claims the round:
+        privacy report, evaluation, metrics line, audit log entry. A round without weights
+        (it failed) commits nothing: resumed, it is sent again."""
+        kill_point("replied", server_round)
+        pending = {
+            "reports": client_reports,
+            "failures": failures,
+            "declined": declined or [],
+            "missing": missing or [],
+            "round_seconds": time.perf_counter() - self._round_start,
+        }
+        self.ledger.record_round(
+            server_round, client_reports, pending["declined"], failures, pending["missing"]
+        )
+        self._audit_entry = None  # this round's, once the log holds it
+        if state is not None:
+            self.run_dir.save_checkpoint(server_round, state)
+            self.run_dir.save_server_state(server_round, self.server_state(pending), strategy or {})
+            kill_point("committed", server_round)
+        return self._write_outputs(server_round, state, pending)
+
+    def _write_outputs(
+        self, server_round: int, state: dict[str, torch.Tensor] | None, pending: dict[str, Any]
+    ) -> dict[str, Any]:
+        """What claims a round, from the ledger and `pending` (`record`): report,
+        evaluation, metrics line and audit log entry; returns the metrics line."""
+        client_reports, failures = pending["reports"], pending["failures"]
+        declined, missing = pending["declined"], pending["missing"]
         self.run_dir.write_privacy_report(self.ledger)
+        kill_point("report", server_round)
         evaluation: dict[str, Any] = {}
         checkpoint: Path | None = None
         if state is not None:
-            checkpoint = self.run_dir.save_checkpoint(server_round, state)
-            last = server_round in (self.cfg.federation.rounds, self.cfg.total_rounds)
-            if server_round % self.cfg.run.eval_every == 0 or last:
+            checkpoint = self.run_dir.checkpoints / f"round_{server_round:03d}.safetensors"
+            if self._evaluates(server_round):
                 evaluation = self.evaluate(server_round, state)
         metrics_keys = ("d_loss_fake", "g_loss")
         line: dict[str, Any] = {
             "round": server_round,
             "stage": self.cfg.stage(server_round),
-            "round_seconds": time.perf_counter() - self._round_start,
+            "round_seconds": pending["round_seconds"],
             "clients": len(client_reports),
             "failures": len(failures),
             "failure_reasons": failures,
@@ -385,7 +493,9 @@ class RoundRecorder:
             self._quality.append(line)
             plot_quality(self._quality, self.run_dir.path / "quality.png")
         # After the checkpoint is on disk: the entry holds its digest.
-        self.audit_round(server_round, client_reports, declined, missing or [], checkpoint, line)
+        self.audit_round(server_round, client_reports, declined, missing, checkpoint, line)
+        if state is not None and self._audit_entry is not None:
+            self.run_dir.seal_server_state(server_round, self._audit_entry)
         return line
 
     def _run_id(self) -> str | None:

@@ -53,11 +53,16 @@ def run_federation(
     first_round, weights = 1, recorder.initial_state()
     strategy_tensors: dict = {}
     if resume:
-        last, weights, state, strategy_tensors = run_dir.resume_point()
-        recorder.restore(state, run_dir.saved_privacy_clients())
-        run_dir.truncate_metrics(last)
+        last, saved, state, strategy_tensors = run_dir.resume_point()
+        # Round 0: stopped before a round was committed; round 1 is sent again.
+        weights = saved or weights
+        recorder.restore(state, run_dir.saved_privacy_clients(), saved or None)
         first_round = last + 1
-        say(f"[fedgen] resuming {run_dir.path} after round {last}")
+        say(
+            f"[fedgen] resuming {run_dir.path} after round {last}"
+            if last
+            else f"[fedgen] resuming {run_dir.path} from its first round (none was completed)"
+        )
     strategy = build_strategy(cfg, recorder, first_round)
     restore_strategy_state(strategy, strategy_tensors)
     run_dir.write_manifest(cfg)

@@ -296,6 +296,8 @@ def build_strategy(cfg: FedgenConfig, recorder: RoundRecorder, first_round: int 
                 for key in arrays:
                     if key.startswith(frozen):
                         arrays[key] = self._sent[key]
+            # The recorder commits the weights and this server state before it writes
+            # anything that claims the round.
             line = recorder.record(
                 server_round,
                 _float32(arrays) if arrays is not None else None,
@@ -303,11 +305,8 @@ def build_strategy(cfg: FedgenConfig, recorder: RoundRecorder, first_round: int 
                 failures,
                 declined,
                 missing,
+                strategy=strategy_state(self),
             )
-            if arrays is not None:
-                recorder.run_dir.save_server_state(
-                    server_round, recorder.server_state(), strategy_state(self)
-                )
             recorder.print_progress(line)
             return arrays, metrics
 

@@ -1,0 +1,41 @@
+"""Test hook: kill the whole process group at a named point of a round.
+
+`FEDGEN_TEST_KILL_AT=<point>:<round>` (for example `report:2`) makes `kill_point` send
+SIGKILL to the process group of the calling process when the server reaches `<point>` of
+round `<round>`: the same as a power cut or `kill -9` at that exact moment, but without
+timing. `tests/test_kill_resume.py` uses it to prove that a run killed at any of these
+points resumes to the same result. Unset (always, outside tests) it does nothing.
+
+Points, in the order a round reaches them (`fedgen.rounds.RoundRecorder.record`):
+    replied     the clients' replies are in; nothing of the round is on disk
+    checkpoint  the round's weights are half written (temporary file, not yet renamed)
+    committed   weights and server state are on disk; nothing that claims the round yet
+    report      the privacy report claims the round
+    evaluation  the round's sample grid and quality figures exist, its metrics line not
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+__all__ = ["KILL_POINTS", "ENV_VAR", "kill_point"]
+
+ENV_VAR = "FEDGEN_TEST_KILL_AT"
+KILL_POINTS = ("replied", "checkpoint", "committed", "report", "evaluation")
+
+
+def kill_point(point: str, server_round: int) -> None:
+    """SIGKILL this process group if `ENV_VAR` names `point` of `server_round`."""
+    wanted = os.environ.get(ENV_VAR)
+    if not wanted:
+        return
+    named, _, at = wanted.partition(":")
+    if named not in KILL_POINTS or not at.isdigit():
+        raise ValueError(
+            f"{ENV_VAR}={wanted!r} is not <point>:<round> with a point of {KILL_POINTS}; "
+            "fix or unset it"
+        )
+    if (named, int(at)) != (point, server_round):
+        return
+    os.killpg(os.getpgid(0), signal.SIGKILL)

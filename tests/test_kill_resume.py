@@ -1,0 +1,318 @@
+"""A kill at any moment is resumable: SIGKILL the whole `fedgen simulate` process group at a
+named point of round 1 or 2 (the test hook `fedgen.killpoints`, no timing), resume it, and
+the run ends with the round count, histories and epsilons of an uninterrupted run of the
+same config and seed. `tests/test_resume.py` covers a kill at an arbitrary moment of
+round 2 and resuming a finished run; this file covers each point of a round's write order
+(`fedgen.rounds.RoundRecorder.record`), including a kill before any round was committed.
+
+Each case is two real simulations (Flower + Ray, 3 clients, 3 rounds; the killed one
+stops in round 1 or 2): 80-100 s on a 2-core machine. Timeouts are only a guard against a
+hung run, far above that. A stop after the last round was committed is tested in process
+(no Ray), for each point after the commit."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flwr.app import ArrayRecord
+
+from clients.app import train as client_train
+from fedgen.killpoints import ENV_VAR, KILL_POINTS
+from fedgen.reports import RunDir
+from fedgen.rounds import RoundRecorder, finish_committed_round
+from fedgen.verify import verify_path
+from server.strategy import build_strategy
+
+from .conftest import REPO
+from .helpers import SMALL, small_config
+from .test_training import _context, _train_message
+
+ROUNDS = 3
+EVAL_EVERY = 2  # round 2 is evaluated, round 1 is not: both kinds of round are killed
+SETTINGS = [
+    *SMALL,
+    f"federation.rounds={ROUNDS}",
+    "federation.min_train_clients=3",  # every client in every round: histories comparable
+    "federation.client_cpus=0.5",
+    f"run.eval_every={EVAL_EVERY}",
+    "evaluation.samples=100",
+    "evaluation.downstream=never",
+    "evaluation.evaluator_epochs=1",
+    "privacy.reproducible_noise=true",
+]
+# A guard against a hung run only: a tiny simulation takes 50-90 s.
+TIMEOUT = 900
+
+# (point, round): every point of the issue, in rounds 1 and 2, and each way a run resumes:
+# from its first round (nothing committed), from the round before (the killed round is
+# sent again and answered from the devices' caches), or from the killed round itself
+# (committed: its report, evaluation, metrics line and log entry are written on resume).
+CASES = [
+    ("replied", 1),
+    ("report", 1),
+    ("evaluation", 2),
+    ("checkpoint", 2),
+]
+
+
+def _simulate(*args: str) -> list[str]:
+    cmd = [sys.executable, "-m", "fedgen.cli", "simulate", *args]
+    for setting in SETTINGS:
+        cmd += ["--set", setting]
+    return cmd
+
+
+def _kill_leftovers(session: int) -> None:
+    """SIGKILL whatever is still in the killed run's session (nothing, when the hook's
+    killpg took all of Ray with it)."""
+    ps = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True)
+    for line in ps.stdout.splitlines():
+        pid, sid = (int(x) for x in line.split())
+        if sid == session:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _metrics_rounds(out: Path) -> list[int]:
+    path = out / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    rounds = []
+    for line in lines:
+        with contextlib.suppress(ValueError, KeyError):
+            rounds.append(json.loads(line)["round"])
+    return rounds
+
+
+def _report_rounds(out: Path) -> list[int]:
+    path = out / "privacy_report.json"
+    return [r["round"] for r in json.loads(path.read_text())["rounds"]] if path.is_file() else []
+
+
+def _ledger_rounds(out: Path) -> dict[str, list[int]]:
+    """Each device's rounds of the run, from its own ledger."""
+    rounds = {}
+    for path in sorted((out / "client-ledgers").glob("*.json")):
+        runs = json.loads(path.read_text())["runs"]
+        rounds[path.stem] = sorted(r for run in runs.values() for r in run["rounds"])
+    return rounds
+
+
+def _on_disk(out: Path) -> dict[str, Any]:
+    """What the kill left: the files that say how far the round got."""
+    ckpt = out / "checkpoints"
+    return {
+        "states": sorted(p.name for p in ckpt.glob("server_*.json")),
+        "checkpoints": sorted(p.name for p in ckpt.glob("round_*.safetensors")),
+        "partial": sorted(p.name for p in ckpt.glob(".*")),
+        "samples": sorted(p.name for p in (out / "samples").glob("round_*.png")),
+        "report": _report_rounds(out),
+        "metrics": _metrics_rounds(out),
+        "ledgers": _ledger_rounds(out),
+        "run_id": json.loads((out / "manifest.json").read_text())["run_id"],
+    }
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """The same config and seed, never stopped."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    proc = subprocess.run(
+        _simulate("--out", str(out)), cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[f"{p}-round{r}" for p, r in CASES])
+def killed(request, tmp_path_factory) -> tuple[str, int, Path, dict[str, Any], str]:
+    """A run killed at `point` of `round` by the test hook, then resumed: (point, round,
+    run directory, what the kill left, the resumed run's output)."""
+    point, server_round = request.param
+    out = tmp_path_factory.mktemp(f"kill-{point}-{server_round}") / "run"
+    log_path = out.parent / "killed.log"
+    with open(log_path, "w") as log:
+        # Its own session: the hook's killpg takes the CLI, Ray and the clients, and
+        # nothing of this test.
+        proc = subprocess.Popen(
+            _simulate("--out", str(out)),
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, ENV_VAR: f"{point}:{server_round}"},
+            start_new_session=True,
+        )
+        try:
+            proc.wait(TIMEOUT)
+        finally:
+            _kill_leftovers(proc.pid)
+            proc.wait(30)
+    assert proc.returncode == -signal.SIGKILL, (
+        f"not killed at {point}:{server_round} (exit {proc.returncode}):\n"
+        + log_path.read_text()[-3000:]
+    )
+    left = _on_disk(out)
+    resumed = subprocess.run(
+        _simulate("--resume", str(out)), cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT
+    )
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    return point, server_round, out, left, resumed.stdout
+
+
+def test_the_kill_came_where_the_hook_says(killed):
+    """What was on disk when the process group died: each point is the state it names."""
+    point, n, _, left, _ = killed
+    trained = {str(c): list(range(1, n + 1)) for c in range(3)}
+    assert left["ledgers"] == trained  # every device had trained and cached round n
+    before = [f"server_{r:03d}.json" for r in range(1, n)]
+    claimed = list(range(1, n))  # rounds the report and metrics claim
+    if point == "replied":
+        assert left["states"] == before and left["report"] == claimed
+    elif point == "checkpoint":
+        assert left["partial"] == [f".round_{n:03d}.safetensors.tmp"]
+        assert f"round_{n:03d}.safetensors" not in left["checkpoints"]
+        assert left["states"] == before and left["report"] == claimed
+    elif point == "report":
+        assert left["states"] == [*before, f"server_{n:03d}.json"]
+        assert left["report"] == [*claimed, n]  # the report claims the round...
+        assert left["metrics"] == claimed  # ...its metrics line is not written yet
+    else:
+        assert point == "evaluation"
+        assert left["states"] == [*before, f"server_{n:03d}.json"]
+        assert f"round_{n:03d}.png" in left["samples"]
+        assert left["metrics"] == claimed
+    # Never a report ahead of the weights and server state that back it.
+    assert len(left["report"]) <= len(left["states"])
+
+
+def test_the_resumed_run_equals_an_uninterrupted_one(killed, reference):
+    point, n, out, left, stdout = killed
+    committed = point in ("report", "evaluation")  # the killed round's state was on disk
+    if committed:
+        assert f"after round {n}" in stdout
+        assert f"round {n} was saved before the stop" in stdout
+        assert ("evaluation recomputed" in stdout) == (n % EVAL_EVERY == 0)
+    elif n == 1:
+        assert "from its first round (none was completed)" in stdout
+    else:
+        assert f"after round {n - 1}" in stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "completed"
+    assert manifest["run_id"] == left["run_id"]  # the devices' ledgers continue the same run
+    assert _metrics_rounds(out) == list(range(1, ROUNDS + 1))
+    mine = json.loads((out / "privacy_report.json").read_text())
+    theirs = json.loads((reference / "privacy_report.json").read_text())
+    assert [r["round"] for r in mine["rounds"]] == list(range(1, ROUNDS + 1))
+    assert [r["epsilon"] for r in mine["rounds"]] == [r["epsilon"] for r in theirs["rounds"]]
+    assert sorted(mine["clients"]) == sorted(theirs["clients"]) == ["0", "1", "2"]
+    for cid, client in theirs["clients"].items():
+        for key in ("history", "epsilon", "steps", "rounds_participated", "tally"):
+            assert mine["clients"][cid][key] == client[key], (cid, key)
+    assert mine["max_epsilon"] == theirs["max_epsilon"]
+    # No device trained a round twice: the re-sent round came from its cache.
+    assert _ledger_rounds(out) == {str(c): list(range(1, ROUNDS + 1)) for c in range(3)}
+
+
+def test_the_resumed_run_verifies_and_holds_no_partial_file(killed):
+    _, _, out, _, _ = killed
+    result = verify_path(out)
+    assert result["passed"], [c for c in result["checks"] if c["status"] == "FAIL"]
+    run = RunDir(out)
+    for server_round in range(1, ROUNDS + 1):
+        assert run.checkpoint(server_round)[0] == server_round  # checksums verify
+    assert run.resume_point()[0] == ROUNDS
+    leftovers = [p for p in out.rglob(".*") if p.is_file()]
+    assert leftovers == []
+
+
+# --- in process (no Ray): the hook, and a stop after the last round was committed -------
+
+
+def test_the_hook_is_inert_unless_its_point_and_round_come(monkeypatch):
+    from fedgen.killpoints import kill_point
+
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    for point in KILL_POINTS:
+        kill_point(point, 1)  # unset: nothing happens
+    monkeypatch.setenv(ENV_VAR, "report:2")
+    kill_point("report", 1)
+    kill_point("evaluation", 2)
+    monkeypatch.setenv(ENV_VAR, "reprot:2")
+    with pytest.raises(ValueError, match=f"{ENV_VAR}='reprot:2' is not <point>:<round>"):
+        kill_point("report", 2)
+    # Its point and round: the process group is killed (here a child's own group).
+    child = subprocess.run(
+        [sys.executable, "-c", "from fedgen.killpoints import kill_point as k; k('report', 2)"],
+        env={**os.environ, ENV_VAR: "report:2"},
+        start_new_session=True,
+        timeout=120,
+    )
+    assert child.returncode == -signal.SIGKILL
+
+
+class Stopped(Exception):
+    """Stands in for the kill inside this process: every write before it is whole."""
+
+
+@pytest.mark.parametrize("point", ["committed", "report", "evaluation"])
+def test_a_stop_after_the_last_round_was_committed_finishes_without_a_federation(
+    tmp_path, monkeypatch, point
+):
+    """Stopped at `point` of round 2 of 2, after its commit and before its metrics and log
+    entry: resuming writes them (evaluation recomputed) without a federation, and the run
+    is complete and verifies, with no round trained again."""
+    cfg = small_config(
+        "federation.rounds=2",
+        "federation.min_train_clients=3",
+        "run.eval_every=2",
+        "evaluation.samples=100",
+        "evaluation.downstream=never",
+        "evaluation.evaluator_epochs=1",
+    )
+    run = RunDir.create(cfg, tmp_path / "run")
+    run.write_manifest(cfg)
+    ledgers = run.path / "client-ledgers"
+    recorder = RoundRecorder(cfg, run)
+    strategy = build_strategy(cfg, recorder)
+    contexts = [_context(cfg, pid) for pid in range(cfg.federation.num_clients)]
+
+    def stop_at(where: str, server_round: int) -> None:
+        if (where, server_round) == (point, 2):
+            raise Stopped
+
+    monkeypatch.setattr("fedgen.rounds.kill_point", stop_at)
+    weights = recorder.initial_state()
+    with pytest.raises(Stopped):
+        for server_round in (1, 2):
+            strategy._sent = ArrayRecord(weights)  # what configure_train records
+            replies = [
+                client_train(_train_message(cfg, weights, server_round, ledgers, run.run_id), c)
+                for c in contexts
+            ]
+            arrays, _ = strategy.aggregate_train(server_round, replies)
+            weights = arrays.to_torch_state_dict()
+    monkeypatch.undo()  # the resumed process has no kill point
+    assert _report_rounds(run.path) == ([1] if point == "committed" else [1, 2])
+    assert _metrics_rounds(run.path) == [1]
+    assert (run.samples / "round_002.png").is_file() == (point == "evaluation")
+    assert not verify_path(run.path)["passed"]  # round 2 is claimed but not logged yet
+
+    assert finish_committed_round(cfg, RunDir(run.path)) == 2
+    assert run.finish_if_done(cfg, 2)
+    assert _metrics_rounds(run.path) == [1, 2]
+    assert json.loads((run.path / "metrics.jsonl").read_text().splitlines()[1])["eval"]
+    assert (run.samples / "round_002.png").is_file()
+    result = verify_path(run.path)
+    assert result["passed"], [c for c in result["checks"] if c["status"] == "FAIL"]
+    assert _ledger_rounds(run.path) == {str(c): [1, 2] for c in range(3)}
+    # Finished: resuming again changes nothing.
+    log = (run.path / "audit_log.jsonl").read_text()
+    assert finish_committed_round(cfg, RunDir(run.path)) == 2
+    assert (run.path / "audit_log.jsonl").read_text() == log
