@@ -55,9 +55,11 @@ TIMEOUT = 900
 # from its first round (nothing committed), from the round before (the killed round is
 # sent again and answered from the devices' caches), or from the killed round itself
 # (committed: its report, evaluation, metrics line and log entry are written on resume).
+# A kill right after round 1's report was written resumes like `evaluation` in round 2
+# (a committed round's missing outputs written on resume); that point is tested in process
+# below, which keeps this file to three Ray cases (about 40 s each on an idle machine).
 CASES = [
     ("replied", 1),
-    ("report", 1),
     ("evaluation", 2),
     ("checkpoint", 2),
 ]
