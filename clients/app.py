@@ -30,7 +30,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fedgen.config import FedgenConfig, config_from_dict
-from fedgen.data import Dataset, DeviceData, client_partition, data_fingerprint, load_device_data
+from fedgen.data import (
+    Dataset,
+    DeviceData,
+    SplitDataset,
+    data_fingerprint,
+    load_device_data,
+    split_dataset,
+)
 from fedgen.device import DeviceReply, close_run, device_round, failure_code
 from fedgen.ledger import DeviceLedger, default_ledger_dir, device_id
 from fedgen.policy import DevicePolicy
@@ -40,12 +47,17 @@ app = ClientApp()
 log = logging.getLogger("fedgen.device")
 
 
-@lru_cache(maxsize=4)
+@lru_cache(maxsize=1)
+def _federation_split(config_json: str, num_partitions: int) -> SplitDataset:
+    # One copy of the training set and its split per process: a simulation actor serves
+    # many clients in turn, and each takes only its own slice, while it trains.
+    return split_dataset(config_from_dict(json.loads(config_json)), num_partitions)
+
+
 def _load_partition(
     config_json: str, partition_id: int, num_partitions: int
 ) -> tuple[Dataset, str]:
-    # Cached per process: a simulation actor serves many rounds (and clients) in turn.
-    data = client_partition(config_from_dict(json.loads(config_json)), partition_id, num_partitions)
+    data = _federation_split(config_json, num_partitions).client(partition_id)
     return data, data_fingerprint(data)
 
 

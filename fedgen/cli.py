@@ -42,7 +42,9 @@ def _simulate(args: argparse.Namespace) -> int:
         write_atomic(run_dir.path / "config.yaml", cfg.to_yaml())
     else:
         run_dir = RunDir.create(cfg, args.out)
-    source = args.config or "built-in quickstart (glyphs)"
+    source = args.config or "built-in quickstart" + (
+        f", with {', '.join(s.split('=', 1)[0] for s in args.set)} set" if args.set else " (glyphs)"
+    )
     fed = cfg.federation
     print(f"[fedgen] config: {source}")
     sampled = max(int(fed.num_clients * fed.fraction_train), fed.min_train_clients)
@@ -102,7 +104,7 @@ def _simulate(args: argparse.Namespace) -> int:
         ) from failure
     report = load_privacy_report(run_dir.path)
     print()
-    print(format_privacy_table(report))
+    print(format_privacy_table(report, max_rows=SUMMARY_ROWS))
     print()
     if report["private"]:
         print(
@@ -113,6 +115,9 @@ def _simulate(args: argparse.Namespace) -> int:
         print("[fedgen] final epsilon: none (privacy disabled)")
     print(f"[fedgen] run directory: {run_dir.path}")
     return 0
+
+
+SUMMARY_ROWS = 20  # clients in simulate's closing table; `fedgen report` lists all
 
 
 class RunFailed(RuntimeError):

@@ -35,7 +35,9 @@ __all__ = [
     "load_device_data",
     "data_fingerprint",
     "partition",
+    "SplitDataset",
     "client_partition",
+    "split_dataset",
     "federated_partitions",
     "to_tensors",
     "GLYPH_CLASSES",
@@ -518,18 +520,47 @@ def federated_partitions(
         seed=cfg.seed,
         alpha=fed.dirichlet_alpha,
         shards_per_client=fed.shards_per_client,
-        min_size=max(1, cfg.training.batch_size // 4),
+        min_size=_min_partition_size(cfg),
     )
 
 
+def _min_partition_size(cfg: FedgenConfig) -> int:
+    # Under DP with replace-one, a client's sample rate is batch / n, so n below the batch
+    # would make every such client decline; without DP a quarter batch still trains.
+    batch = cfg.training.batch_size
+    if cfg.privacy.enabled and cfg.privacy.neighboring == "replace_one":
+        return batch
+    return max(1, batch // 4)
+
+
+@dataclass(frozen=True)
+class SplitDataset:
+    """The training set once, and each simulated client's indices into it: a client's
+    examples are copied out only when it asks (while it trains), so a process serving
+    a thousand clients holds one dataset, not a thousand slices."""
+
+    cfg: FedgenConfig
+    data: Dataset
+    parts: list[np.ndarray]
+
+    def client(self, partition_id: int) -> Dataset:
+        if not 0 <= partition_id < len(self.parts):
+            raise DataError(f"partition-id {partition_id} is outside 0..{len(self.parts) - 1}")
+        own = self.data.subset(self.parts[partition_id])
+        if self.cfg.privacy.canaries:
+            from fedgen.canaries import add_canaries  # audit canaries: simulation only
+
+            own = add_canaries(self.cfg, own, partition_id)
+        return own
+
+
+def split_dataset(cfg: FedgenConfig, num_partitions: int) -> SplitDataset:
+    data = load_dataset(cfg.data, "train", seed=cfg.seed)
+    return SplitDataset(cfg, data, federated_partitions(cfg, data.labels, num_partitions))
+
+
 def client_partition(cfg: FedgenConfig, partition_id: int, num_partitions: int) -> Dataset:
-    """The training examples of one simulated client (called inside that client's process)."""
+    """The training examples of one simulated client."""
     if not 0 <= partition_id < num_partitions:
         raise DataError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
-    data = load_dataset(cfg.data, "train", seed=cfg.seed)
-    own = data.subset(federated_partitions(cfg, data.labels, num_partitions)[partition_id])
-    if cfg.privacy.canaries:
-        from fedgen.canaries import add_canaries  # audit canaries: simulation only
-
-        own = add_canaries(cfg, own, partition_id)
-    return own
+    return split_dataset(cfg, num_partitions).client(partition_id)

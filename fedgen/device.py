@@ -27,6 +27,7 @@ from fedgen.policy import (
     check_request,
     check_round,
     plan_for,
+    plan_inputs,
 )
 from fedgen.reports import CheckpointError, load_checkpoint, save_tensors
 from fedgen.rounds import ClientPrivacyState, client_round, client_seed
@@ -104,7 +105,15 @@ def device_round(
             if run is not None and run.get("closed"):
                 raise Decline("run-closed", f"run {run_id} was closed on this device")
             check_request(policy, cfg, n)
-            sigma, rate, planned_steps = plan_for(policy, cfg, n)
+            inputs = plan_inputs(policy, cfg, n)
+            if run is not None and run.get("plan_inputs") == inputs:
+                # Same inputs, same plan: the calibration is not repeated every round.
+                sigma, rate, planned_steps = (
+                    float(run["noise_multiplier"]), float(run["sample_rate"]),
+                    int(run["planned_steps"]),
+                )  # fmt: skip
+            else:
+                sigma, rate, planned_steps = plan_for(policy, cfg, n)
             steps = cfg.local_steps_for(cfg.stage(server_round))
             if run is None:
                 privacy = ClientPrivacyState(sigma, rate, planned_steps, [])
@@ -154,6 +163,7 @@ def device_round(
             lifetime_epsilon=policy.epsilon([*ledger.other_runs_history(run_id), *privacy.history]),
             server_round=server_round,
             reply=(result.state_dict, metrics),
+            plan_inputs=inputs,
         )
         if cfg.training.keep_optimizer_state and result.optimizer_state:
             save_tensors(_optimizer_path(ledger), result.optimizer_state, {"run_id": run_id})

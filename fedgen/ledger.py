@@ -177,6 +177,7 @@ class DeviceLedger:
         lifetime_epsilon: float,
         server_round: int,
         reply: tuple[dict[str, torch.Tensor], dict[str, float]],
+        plan_inputs: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Record `run_id`'s state after `server_round`; the reply (weights, metrics) is
         kept so a restarted device asked for the same round sends it again instead of
@@ -194,6 +195,7 @@ class DeviceLedger:
             "closed": False,
             "epsilon": epsilon,
             **state.to_plain(),
+            **({"plan_inputs": plan_inputs} if plan_inputs is not None else {}),
         }
         content["last_reply"] = {"run_id": run_id, "round": server_round, "metrics": reply[1]}
         content["lifetime"] = {"epsilon": lifetime_epsilon, "policy": policy}

@@ -158,9 +158,7 @@ class ScatterDiscriminator(nn.Module):
     7x7 maps) is trained. The label costs 10 x hidden parameters instead of a 784-wide
     embedding plane."""
 
-    def __init__(
-        self, num_classes: int, hidden: int, head: str = "mlp", stride: int = 1
-    ) -> None:
+    def __init__(self, num_classes: int, hidden: int, head: str = "mlp", stride: int = 1) -> None:
         super().__init__()
         self.features = ScatterFeatures(stride=stride)
         c = self.features.out_channels

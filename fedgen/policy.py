@@ -238,6 +238,26 @@ def check_request(policy: DevicePolicy, cfg: FedgenConfig, num_examples: int) ->
         )
 
 
+def plan_inputs(policy: DevicePolicy, cfg: FedgenConfig, num_examples: int) -> dict[str, Any]:
+    """Everything `plan_for`'s answer depends on, as plain values: a device that recorded
+    these with its plan reuses the plan while they stay equal, instead of calibrating the
+    noise again every round (a pure function of them, but seconds of accounting)."""
+    p = cfg.privacy
+    return {
+        "enabled": p.enabled,
+        "sample_rate": sample_rate_for(
+            cfg.training.batch_size, accounting_size(policy, num_examples)
+        ),
+        "steps": cfg.planned_steps,
+        "noise_multiplier": p.noise_multiplier,
+        "target_epsilon": min(p.target_epsilon, policy.max_epsilon),
+        "delta": policy.delta,
+        "accountant": policy.accountant,
+        "neighboring": policy.neighboring,
+        "min_noise_multiplier": policy.min_noise_multiplier,
+    }
+
+
 def plan_for(
     policy: DevicePolicy, cfg: FedgenConfig, num_examples: int
 ) -> tuple[float, float, int]:

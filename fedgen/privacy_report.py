@@ -85,12 +85,15 @@ class PrivacyLedger:
         declined: list[dict[str, Any]] | None = None,
         failures: list[str] | None = None,
         missing: list[str] | None = None,
+        nodes: int | None = None,
     ) -> None:
         """Record a round: `reports` of clients that trained, `declined` (each with its
-        reason `code`), `failures` (one line per client without an update) and `missing`:
-        the sampled clients (ids, or `node N` when never named) that sent no update."""
+        reason `code`), `failures` (one line per client without an update), `missing`:
+        the sampled clients (ids, or `node N` when never named) that sent no update, and
+        `nodes`: how many nodes were connected when it sampled."""
         entry: dict[str, Any] = {
             "round": server_round,
+            **({"nodes": int(nodes)} if nodes is not None else {}),
             "epsilon": {},
             "declined": [
                 {"client_id": str(d["client_id"]), "code": str(d["code"])} for d in declined or []
@@ -146,8 +149,13 @@ class PrivacyLedger:
         if late not in _subset_sums(pending):
             # Not this round's steps plus some rounds it may have trained late: say so.
             client["anomalies"].append(
-                {"round": server_round, "kind": "unexpected-growth", "expected": round_steps,
-                 "provisional": sum(pending), "got": growth}  # fmt: skip
+                {
+                    "round": server_round,
+                    "kind": "unexpected-growth",
+                    "expected": round_steps,
+                    "provisional": sum(pending),
+                    "got": growth,
+                }  # fmt: skip
             )
             late = sum(pending) if late > sum(pending) else max(late, 0)
         # Rounds the history now covers are settled, oldest first; the others stay
@@ -237,6 +245,16 @@ class PrivacyLedger:
     def max_epsilon(self) -> float:
         return max((c["epsilon"] or 0.0 for c in self.clients.values()), default=0.0)
 
+    def population(self) -> dict[str, int] | None:
+        """How many nodes were connected, and how many of them never took part: never
+        sampled, so none of their examples was used (epsilon 0). None before any round
+        recorded its node count."""
+        nodes = max((int(r.get("nodes", 0)) for r in self.rounds), default=0)
+        if not nodes:
+            return None
+        known = len(self.clients) + len(self.unidentified)
+        return {"nodes": nodes, "in_report": known, "never_took_part": max(0, nodes - known)}
+
     def to_dict(self) -> dict[str, Any]:
         p = self.cfg.privacy
         return {
@@ -269,6 +287,7 @@ class PrivacyLedger:
             "rounds": self.rounds,
             "clients": dict(sorted(self.clients.items(), key=lambda kv: client_sort_key(kv[0]))),
             "unidentified_nodes": self.unidentified,
+            "population": self.population(),
             "recompute": recompute_recipe(p.accountant, p.neighboring),
             "canaries": canary_statement(self.cfg),
         }
@@ -294,8 +313,10 @@ def client_sort_key(cid: str) -> tuple[int, str]:
     return (int(cid), "") if cid.isdigit() else (1 << 62, cid)
 
 
-def format_privacy_table(report: dict[str, Any]) -> str:
-    """The epsilon report as a plain-text table (what `fedgen report` prints)."""
+def format_privacy_table(report: dict[str, Any], max_rows: int | None = None) -> str:
+    """The epsilon report as a plain-text table (what `fedgen report` prints); with
+    `max_rows`, only that many clients, those with the largest epsilon, and a count of
+    the rest."""
     lines = []
     if not report.get("private", True):
         lines.append("privacy: NONE (privacy.enabled is false); no epsilon guarantee")
@@ -309,7 +330,9 @@ def format_privacy_table(report: dict[str, Any]) -> str:
     rows = [
         [
             cid,
-            f"{c['epsilon']:.4f}" if report.get("private", True) and c["epsilon"] is not None else "-",
+            f"{c['epsilon']:.4f}"
+            if report.get("private", True) and c["epsilon"] is not None
+            else "-",
             str(c.get("num_examples", "-")),
             f"{c['noise_multiplier']:.4f}" if c.get("noise_multiplier") is not None else "-",
             f"{c['sample_rate']:.5f}" if c.get("sample_rate") is not None else "-",
@@ -317,7 +340,7 @@ def format_privacy_table(report: dict[str, Any]) -> str:
             str(c["rounds_participated"]),
             str(c.get("tally", "reported")),
         ]
-        for cid, c in report["clients"].items()
+        for cid, c in _shown_clients(report, max_rows)
     ]
     widths = [
         max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)
@@ -325,8 +348,42 @@ def format_privacy_table(report: dict[str, Any]) -> str:
     fmt = "  ".join(f"{{:>{w}}}" for w in widths)
     lines += [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
     lines += [fmt.format(*r) for r in rows]
+    hidden = len(report["clients"]) - len(rows)
+    if hidden:
+        epsilons = sorted(c["epsilon"] or 0.0 for c in report["clients"].values())
+        lines.append(
+            f"... and {plural(hidden, 'more client')} (the {len(rows)} with the largest epsilon "
+            f"are shown; median epsilon {epsilons[len(epsilons) // 2]:.4f}); "
+            "`fedgen report RUN_DIR` and privacy_report.md list every one"
+        )
+    if line := population_line(report):
+        lines += ["", line]
     lines += _absences(report)
     return "\n".join(lines)
+
+
+def _shown_clients(
+    report: dict[str, Any], max_rows: int | None
+) -> list[tuple[str, dict[str, Any]]]:
+    clients = list(report["clients"].items())
+    if max_rows is None or len(clients) <= max_rows:
+        return clients
+    top = sorted(clients, key=lambda kv: -(kv[1]["epsilon"] or 0.0))[:max_rows]
+    return sorted(top, key=lambda kv: client_sort_key(kv[0]))
+
+
+def population_line(report: dict[str, Any]) -> str | None:
+    """One sentence on the nodes the table does not list: never sampled, so epsilon 0."""
+    population = report.get("population")
+    if not population:
+        return None
+    never = population["never_took_part"]
+    return f"{plural(population['nodes'], 'node')} connected; " + (
+        f"{plural(never, 'node')} never took part (never sampled): none of their "
+        "examples was used, epsilon 0, and the table does not list them"
+        if never
+        else "every one is listed"
+    )
 
 
 def _absences(report: dict[str, Any]) -> list[str]:
@@ -415,6 +472,8 @@ def privacy_markdown(report: dict[str, Any]) -> str:
             f"{c['steps']}/{c.get('planned_steps', '-')} | {c['rounds_participated']} | "
             f"{c.get('tally', 'reported')} |"
         )
+    if line := population_line(report):
+        lines += ["", line[0].upper() + line[1:] + "."]
     lines += [f"- {line}" if line.startswith("round") else line for line in _absences(report)]
     lines += [
         "",

@@ -426,10 +426,12 @@ class RoundRecorder:
         declined: list[dict[str, Any]] | None = None,
         missing: list[str] | None = None,
         strategy: dict[str, torch.Tensor] | None = None,
+        nodes: int | None = None,
     ) -> dict[str, Any]:
         """Write everything for a finished round; returns the metrics line. `missing`:
         sampled clients that sent no update (carried as provisional in the report);
-        `strategy`: the server optimiser's state after the round (FedAdam's moments).
+        `strategy`: the server optimiser's state after the round (FedAdam's moments);
+        `nodes`: how many nodes were connected when the round sampled.
 
         Order: checkpoint, then server state (the commit), then what claims the round:
         privacy report, evaluation, metrics line, audit log entry. A round without weights
@@ -443,7 +445,12 @@ class RoundRecorder:
             "round_seconds": time.perf_counter() - self._round_start,
         }
         self.ledger.record_round(
-            server_round, client_reports, pending["declined"], failures, pending["missing"]
+            server_round,
+            client_reports,
+            pending["declined"],
+            failures,
+            pending["missing"],
+            nodes=nodes,
         )
         self._audit_entry = None  # this round's, once the log holds it
         if state is not None:

@@ -591,6 +591,7 @@ _REPORT_FIGURES = (
     "private", "neighboring", "accountant", "pld_value_discretization", "delta",
     "target_epsilon", "max_epsilon", "max_grad_norm", "rounds_planned",
     "local_steps_per_round", "planned_steps", "rounds", "clients", "unidentified_nodes",
+    "population",
 )  # fmt: skip
 
 

@@ -247,6 +247,7 @@ def build_strategy(cfg: FedgenConfig, recorder: RoundRecorder, first_round: int 
     class RecordingStrategy(base):  # type: ignore[valid-type, misc]
         _sampled: list[int] = []  # nodes sent a message this round (set by configure_train)
         _names: dict[int, str] = {}  # node id -> client id, learned from replies
+        _nodes: int | None = None  # nodes connected when this round sampled
         node_of: dict[str, int] = {}  # client id (or "node N") -> node id, for the tally
 
         def configure_train(
@@ -257,6 +258,7 @@ def build_strategy(cfg: FedgenConfig, recorder: RoundRecorder, first_round: int 
             self._sent = arrays
             messages = list(super().configure_train(server_round, arrays, config, grid))
             self._sampled = [m.metadata.dst_node_id for m in messages]
+            self._nodes = len(list(grid.get_node_ids()))
             return messages
 
         def aggregate_train(
@@ -279,7 +281,9 @@ def build_strategy(cfg: FedgenConfig, recorder: RoundRecorder, first_round: int 
             # Every client that trained spent privacy, whatever happens to the round next.
             reports = [*(report for _, report in kept), *rejected]
             if len(kept) < needed:
-                recorder.record(server_round, None, reports, failures, declined, missing)
+                recorder.record(
+                    server_round, None, reports, failures, declined, missing, nodes=self._nodes
+                )
                 raise RuntimeError(
                     f"round {server_round}: {plural(len(kept), 'client update')}, fewer than {why}; "
                     f"declined: {[d['client_id'] for d in declined]}, failures: {failures}"
@@ -287,7 +291,9 @@ def build_strategy(cfg: FedgenConfig, recorder: RoundRecorder, first_round: int 
             try:
                 arrays, metrics = super().aggregate_train(server_round, [r for r, _ in kept])
             except BaseException:
-                recorder.record(server_round, None, reports, failures, declined, missing)
+                recorder.record(
+                    server_round, None, reports, failures, declined, missing, nodes=self._nodes
+                )
                 raise
             frozen = recorder.frozen_prefixes(server_round)
             if arrays is not None and frozen:
@@ -306,6 +312,7 @@ def build_strategy(cfg: FedgenConfig, recorder: RoundRecorder, first_round: int 
                 declined,
                 missing,
                 strategy=strategy_state(self),
+                nodes=self._nodes,
             )
             recorder.print_progress(line)
             return arrays, metrics

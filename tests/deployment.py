@@ -147,9 +147,7 @@ class Deployment:
         self.processes.append(proc)
         return proc
 
-    def run(
-        self, run_config: str, timeout: float, app: Path = REPO
-    ) -> subprocess.CompletedProcess:
+    def run(self, run_config: str, timeout: float, app: Path = REPO) -> subprocess.CompletedProcess:
         """`flwr run` of an app (this repository's by default); returns when it finished."""
         return self.flwr("run", str(app), "fedgen", "--run-config", run_config, "--stream",
                          timeout=timeout)  # fmt: skip

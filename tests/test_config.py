@@ -54,7 +54,15 @@ def test_yaml_file_and_overrides(tmp_path):
 
 
 def test_resolved_config_round_trips():
-    cfg = load_config(None, ["seed=7", "privacy.neighboring=add_remove", "privacy.accountant=rdp", "privacy.public_num_examples=100"])
+    cfg = load_config(
+        None,
+        [
+            "seed=7",
+            "privacy.neighboring=add_remove",
+            "privacy.accountant=rdp",
+            "privacy.public_num_examples=100",
+        ],
+    )
     again = type(cfg).model_validate(yaml.safe_load(cfg.to_yaml()))
     assert again == cfg
 

@@ -93,8 +93,12 @@ def federation(tmp_path_factory):
     steps = cfg.training.local_steps
     p = cfg.privacy
     two, three = (
-        epsilon_of([(plan.noise_multiplier, plan.sample_rate, k * steps)], p.delta, p.accountant,
-                   p.neighboring)  # fmt: skip
+        epsilon_of(
+            [(plan.noise_multiplier, plan.sample_rate, k * steps)],
+            p.delta,
+            p.accountant,
+            p.neighboring,
+        )  # fmt: skip
         for k in (2, 3)
     )
     alpha_budget = (two + three) / 2

@@ -62,8 +62,13 @@ HOSTILE = {
     "reproducible-noise": (["privacy.reproducible_noise=true"], "run-1"),
     "plan-changed": (["training.batch_size=48"], "run-1"),
     "neighboring-mismatch": (
-        ["privacy.neighboring=add_remove", "privacy.accountant=rdp",
-         "privacy.public_num_examples=50000"], "run-1"),  # fmt: skip
+        [
+            "privacy.neighboring=add_remove",
+            "privacy.accountant=rdp",
+            "privacy.public_num_examples=50000",
+        ],
+        "run-1",
+    ),  # fmt: skip
     "target-unreachable": (["privacy.target_epsilon=0.0001"], "run-1"),
     "budget-lifetime": ([], "run-2"),
 }
@@ -214,7 +219,9 @@ def test_fedgen_report_on_a_ledger_folder_shows_each_run_and_the_lifetime(device
     assert proc.returncode == 0, proc.stderr
     runs = json.loads(ledger_file.read_text())["runs"]
     one = epsilon_of(runs["run-1"]["history"], 1e-5, "pld", "replace_one")
-    both = epsilon_of(runs["run-1"]["history"] + runs["run-2"]["history"], 1e-5, "pld", "replace_one")
+    both = epsilon_of(
+        runs["run-1"]["history"] + runs["run-2"]["history"], 1e-5, "pld", "replace_one"
+    )
     assert f"run run-1: epsilon {one:.4f}" in proc.stdout
     assert f"lifetime: epsilon {both:.4f} over 2 runs" in proc.stdout
     assert both > one

@@ -94,7 +94,9 @@ def test_privacy_report_is_cumulative_and_recomputable(run_dir):
         assert 0 < per_round[0] <= per_round[-1] <= report["target_epsilon"]
         assert all(a <= b for a, b in zip(per_round, per_round[1:], strict=False))
         assert sum(h[2] for h in client["history"]) == ROUNDS * LOCAL_STEPS
-        fresh = epsilon_of([tuple(h) for h in client["history"]], report["delta"], "pld", "replace_one")
+        fresh = epsilon_of(
+            [tuple(h) for h in client["history"]], report["delta"], "pld", "replace_one"
+        )
         assert client["epsilon"] == pytest.approx(fresh, rel=1e-12)
         assert client["reported_epsilon"] == pytest.approx(fresh, rel=1e-9)
         assert client["num_examples"] == 1500 // CLIENTS

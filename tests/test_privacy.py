@@ -29,7 +29,9 @@ def independent_epsilon(history, delta, accountant, neighboring) -> float:
         else pld.PLDAccountant(neighboring_relation=relation)
     )
     for sigma, q, steps in history:
-        acc.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
+        acc.compose(
+            dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps
+        )
     return acc.get_epsilon(delta)
 
 
@@ -41,7 +43,9 @@ def test_calibrated_noise_reaches_target_within_two_percent(accountant, neighbor
     eps = epsilon_of([(sigma, plan.sample_rate, plan.steps)], plan.delta, accountant, neighboring)
     assert 0.98 * target <= eps <= target
     # An independent computation agrees within 2% and the reported figure is never below it.
-    other = independent_epsilon([(sigma, plan.sample_rate, plan.steps)], 1e-5, accountant, neighboring)
+    other = independent_epsilon(
+        [(sigma, plan.sample_rate, plan.steps)], 1e-5, accountant, neighboring
+    )
     assert other <= eps <= 1.02 * other
 
 
@@ -130,7 +134,9 @@ def test_secure_noise_is_gaussian_with_the_asked_std():
 def test_secure_streams_differ_unless_seeded():
     assert not torch.equal(SecureRandom().uniform(8), SecureRandom().uniform(8))
     assert torch.equal(SecureRandom.from_seed(3).uniform(8), SecureRandom.from_seed(3).uniform(8))
-    assert not torch.equal(SecureRandom.from_seed(3).uniform(8), SecureRandom.from_seed(4).uniform(8))
+    assert not torch.equal(
+        SecureRandom.from_seed(3).uniform(8), SecureRandom.from_seed(4).uniform(8)
+    )
 
 
 def test_poisson_batches_sample_at_the_accounted_rate():

@@ -2,7 +2,6 @@
 sampled client that did not answer is counted as having spent the round until its own
 history says otherwise, and the end-of-run tally settles it."""
 
-
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 

@@ -73,7 +73,9 @@ def test_the_quickstart_recipe_learns_the_classes_under_dp(tmp_path):
     plan = plan_privacy(cfg, len(data))
     state = build_model(cfg.model, seed=cfg.seed).state_dict()
     for server_round in (1, 2):
-        result, plan = client_round(cfg, state, data, plan, seed=server_round, server_round=server_round)
+        result, plan = client_round(
+            cfg, state, data, plan, seed=server_round, server_round=server_round
+        )
         state = result.state_dict
     assert 9.0 < result.metrics["epsilon"] <= 10.0
     model = build_model(cfg.model)

@@ -124,7 +124,9 @@ def test_client_reply_holds_only_weights_scalars_and_its_cumulative_history(tmp_
         assert all(len(h) == 3 for h in history)
         # Cumulative: the history covers every round so far, and a fresh accountant agrees.
         assert sum(h[2] for h in history) == server_round * cfg.training.local_steps
-        recomputed = epsilon_of([tuple(h) for h in history], cfg.privacy.delta, "pld", "replace_one")
+        recomputed = epsilon_of(
+            [tuple(h) for h in history], cfg.privacy.delta, "pld", "replace_one"
+        )
         assert metrics["epsilon"] == pytest.approx(recomputed, rel=1e-9)
         epsilons.append(metrics["epsilon"])
         weights = copy.deepcopy(arrays)

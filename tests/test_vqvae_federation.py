@@ -100,7 +100,9 @@ def test_vqvae_simulation_reports_both_stages(vq_run):
     for client in report["clients"].values():
         assert client["stage_steps"] == {"vqvae": 10, "prior": 5}
         assert sum(h[2] for h in client["history"]) == 15
-        fresh = epsilon_of([tuple(h) for h in client["history"]], report["delta"], "pld", "replace_one")
+        fresh = epsilon_of(
+            [tuple(h) for h in client["history"]], report["delta"], "pld", "replace_one"
+        )
         assert client["epsilon"] == pytest.approx(fresh) and 0 < fresh <= report["target_epsilon"]
     lines = [json.loads(x) for x in (vq_run / "metrics.jsonl").read_text().splitlines()]
     assert [x["stage"] for x in lines] == ["vqvae", "vqvae", "prior"]

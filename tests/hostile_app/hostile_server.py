@@ -27,8 +27,11 @@ ATTEMPTS = [
     ("higher-target", ["privacy.target_epsilon=50"], "run-1", 2),
     (
         "add-remove",
-        ["privacy.neighboring=add_remove", "privacy.accountant=rdp",
-         "privacy.public_num_examples=50000"],
+        [
+            "privacy.neighboring=add_remove",
+            "privacy.accountant=rdp",
+            "privacy.public_num_examples=50000",
+        ],
         "run-1",
         2,
     ),  # fmt: skip

@@ -1,0 +1,143 @@
+"""Many simulated clients, few sampled: one shared copy of the data per process, a plan
+calibrated once per client and reused from its ledger, and a privacy report that
+accounts for every node, the never-sampled ones included (epsilon 0, counted, not listed).
+The figures at 10, 100 and 1,000 clients come from `simulations/bench_scale.py`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+import clients.app as client_app
+from fedgen import device as device_module
+from fedgen.data import client_partition, data_fingerprint
+from fedgen.device import device_round
+from fedgen.ledger import DeviceLedger
+from fedgen.models import build_model
+from fedgen.policy import DevicePolicy
+from fedgen.privacy import (
+    _CALIBRATED,
+    CALIBRATION_TOLERANCE,
+    PlannedBudget,
+    calibrate_noise,
+    epsilon_of,
+)
+from fedgen.verify import verify_run
+
+from .conftest import REPO
+from .helpers import small_config
+
+NODES, SAMPLED, ROUNDS = 40, 4, 2
+TINY = [
+    "data.glyphs_per_class=40", f"federation.num_clients={NODES}",
+    f"federation.fraction_train={SAMPLED / NODES}", f"federation.min_train_clients={SAMPLED}",
+    f"federation.rounds={ROUNDS}", "training.local_steps=1", "training.batch_size=8",
+    "model.generator_channels=16", "model.discriminator_hidden=16", "device=cpu",
+    "federation.client_cpus=0.5", "evaluation.samples=100", "evaluation.downstream=never",
+    "evaluation.evaluator_epochs=1", "run.eval_examples=100",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def many_clients_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scale")
+    out = root / "run"
+    args = [sys.executable, "-m", "fedgen.cli", "simulate", "--out", str(out)]
+    for setting in [*TINY, f"evaluation.cache_dir={root / 'evaluators'}"]:
+        args += ["--set", setting]
+    # Generous: 40 SuperNodes' start-up on a busy 2-core machine, not a speed test.
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc.stdout
+
+
+def test_never_sampled_nodes_are_accounted_for_and_nothing_is_kept_for_them(many_clients_run):
+    out, stdout = many_clients_run
+    report = json.loads((out / "privacy_report.json").read_text())
+    listed = report["clients"]
+    population = report["population"]
+    assert population["nodes"] == NODES
+    assert 1 <= len(listed) <= SAMPLED * ROUNDS
+    assert population["in_report"] == len(listed)
+    assert population["never_took_part"] == NODES - len(listed) >= NODES - SAMPLED * ROUNDS
+    assert all(c["steps"] > 0 and c["epsilon"] > 0 for c in listed.values())
+    # Only the devices that trained wrote anything: no ledger for a never-sampled one.
+    ledgers = {p.name.split(".")[0] for p in (out / "client-ledgers").glob("*.json")}
+    assert ledgers == set(listed)
+    line = f"{NODES} nodes connected; {population['never_took_part']} nodes never took part"
+    assert line in stdout
+    assert line in (out / "privacy_report.md").read_text()
+    # Verification recomputes the population from the audit log, like every other figure.
+    result = verify_run(out)
+    assert result["passed"], [c for c in result["checks"] if c["status"] == "FAIL"]
+
+
+def test_a_process_holds_one_copy_of_the_data_for_all_its_clients():
+    cfg = small_config("federation.num_clients=20")
+    config_json = cfg.to_json()
+    client_app._federation_split.cache_clear()
+    shares = [client_app._load_partition(config_json, pid, 20)[0] for pid in range(20)]
+    info = client_app._federation_split.cache_info()
+    assert info.misses == 1 and info.hits == 19
+    # Each client's slice is its own partition, as the unshared path computes it.
+    for pid in (0, 7, 19):
+        direct = client_partition(cfg, pid, 20)
+        assert data_fingerprint(shares[pid]) == data_fingerprint(direct)
+
+
+def test_a_device_calibrates_its_noise_once_and_reuses_the_plan_from_its_ledger(monkeypatch):
+    cfg = small_config("federation.rounds=3")
+    data = client_partition(cfg, 0, cfg.federation.num_clients)
+    state = build_model(cfg.model, 10, seed=0).state_dict()
+    policy = DevicePolicy.from_config(cfg)
+    calls = []
+    real = device_module.plan_for
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(device_module, "plan_for", counting)
+    with tempfile.TemporaryDirectory() as folder:
+        ledger = DeviceLedger(Path(folder), "0")
+
+        def round_(r, run_cfg=cfg):
+            return device_round(
+                policy=DevicePolicy.from_config(run_cfg),
+                ledger=ledger,
+                cfg=run_cfg,
+                run_id="run",
+                server_round=r,
+                global_state=state,
+                data=data,
+                data_fingerprint=data_fingerprint(data),
+                seed_index=0,
+            )
+
+        first, second = round_(1), round_(2)
+        assert first.kind == second.kind == "trained"
+        assert len(calls) == 1  # the second round read the plan back
+        assert second.privacy.noise_multiplier == first.privacy.noise_multiplier
+        assert ledger.run("run", data_fingerprint(data))["plan_inputs"]["steps"] == 3 * (
+            cfg.training.local_steps
+        )
+        # A request that changes what the plan depends on is calibrated again, and declined.
+        changed = small_config("federation.rounds=3", "privacy.target_epsilon=1.5")
+        assert round_(3, changed).code == "plan-changed" and len(calls) == 2
+    assert policy.max_epsilon >= cfg.privacy.target_epsilon
+
+
+def test_calibrations_started_from_their_neighbours_still_reach_the_target():
+    _CALIBRATED.clear()
+    target, steps = 10.0, 40
+    for n in (100, 20, 200, 60, 61, 150, 30, 199):  # the later ones start between neighbours
+        q = 8 / n
+        sigma = calibrate_noise(PlannedBudget(target, 1e-5, q, steps, "pld", "replace_one"))
+        eps = epsilon_of([(sigma, q, steps)], 1e-5, "pld", "replace_one")
+        assert target * (1 - CALIBRATION_TOLERANCE) <= eps <= target, (n, eps)
+    assert len(_CALIBRATED[(target, 1e-5, steps, "pld", "replace_one")]) == 8
