@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 from importlib import metadata
@@ -211,34 +210,4 @@ def test_console_shows_fedgens_lines_and_logs_the_rest(tmp_path, verbose):
     assert "[fedgen] mine" in logged and "\x1b[" not in logged
 
 
-TINY = [
-    "data.glyphs_per_class=40", "federation.num_clients=1", "federation.min_train_clients=1",
-    "federation.rounds=1",
-    "training.local_steps=2", "training.batch_size=16", "model.generator_channels=16",
-    "model.discriminator_hidden=16", "device=cpu", "federation.client_cpus=0.5",
-    "evaluation.samples=100", "evaluation.downstream=never", "evaluation.evaluator_epochs=1",
-]  # fmt: skip
-
-
-def test_simulate_console_has_a_live_bar_and_no_flower_lines(tmp_path):
-    out = tmp_path / "run"
-    args = ["-m", "fedgen.cli", "simulate", "--out", str(out)]
-    for setting in [*TINY, f"evaluation.cache_dir={tmp_path / 'evaluators'}"]:
-        args += ["--set", setting]
-    # rich's switches for a live display on a stream that is not a terminal.
-    live = {"TTY_COMPATIBLE": "1", "TTY_INTERACTIVE": "1", "COLUMNS": "160"}
-    proc = _run(*args, env=live, timeout=400)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    shown = proc.stdout + proc.stderr
-    frames = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", proc.stdout)  # the bar's colours
-    log = out / "simulation.log"
-    assert f"Flower's and Ray's log: {log}" in proc.stdout
-    assert "noise multiplier" in proc.stdout and "1 round," in proc.stdout  # the plan
-    assert "[fedgen] round 1/1: 1 client " in proc.stdout  # the round's summary line
-    # The bar counted the reply as it came in.
-    assert "0/1 clients" in frames and "1/1 clients" in frames
-    assert "final epsilon" in proc.stdout
-    for flower in ("DEPRECATED", "ConfigRecord", "FutureWarning", "aggregate_train"):
-        assert flower not in shown, flower
-    logged = log.read_text()
-    assert "DEPRECATED FEATURE" in logged and "ConfigRecord" in logged
+# The simulation with a live bar is in tests/test_scale.py (one run serves both).

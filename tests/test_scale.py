@@ -1,4 +1,4 @@
-"""Many simulated clients, few sampled: one shared copy of the data per process, a plan
+"""Many simulated clients, few sampled, on `fedgen simulate`'s live console: one shared copy of the data per process, a plan
 calibrated once per client and reused from its ledger, and a privacy report that
 accounts for every node, the never-sampled ones included (epsilon 0, counted, not listed).
 The figures at 10, 100 and 1,000 clients come from `simulations/bench_scale.py`."""
@@ -6,6 +6,8 @@ The figures at 10, 100 and 1,000 clients come from `simulations/bench_scale.py`.
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -50,14 +52,34 @@ def many_clients_run(tmp_path_factory):
     args = [sys.executable, "-m", "fedgen.cli", "simulate", "--out", str(out)]
     for setting in [*TINY, f"evaluation.cache_dir={root / 'evaluators'}"]:
         args += ["--set", setting]
+    # rich's switches for a live display on a stream that is not a terminal.
+    live = {"TTY_COMPATIBLE": "1", "TTY_INTERACTIVE": "1", "COLUMNS": "160"}
     # Generous: 40 SuperNodes' start-up on a busy 2-core machine, not a speed test.
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=900, cwd=REPO)
+    proc = subprocess.run(
+        args, capture_output=True, text=True, timeout=900, cwd=REPO, env={**os.environ, **live}
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out, proc.stdout
+    return out, proc.stdout, proc.stderr
+
+
+def test_simulate_console_has_a_live_bar_and_no_flower_lines(many_clients_run):
+    out, stdout, stderr = many_clients_run
+    frames = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", stdout)  # the bar's colours
+    log = out / "simulation.log"
+    assert f"Flower's and Ray's log: {log}" in stdout
+    assert "noise multiplier" in stdout and f"{ROUNDS} rounds," in stdout  # the plan
+    assert f"[fedgen] round 1/{ROUNDS}: {SAMPLED} clients " in stdout  # a round's summary
+    # The bar counted the replies as they came in.
+    assert f"0/{SAMPLED} clients" in frames and f"{SAMPLED}/{SAMPLED} clients" in frames
+    assert "final epsilon" in stdout
+    for flower in ("DEPRECATED", "ConfigRecord", "FutureWarning", "aggregate_train"):
+        assert flower not in stdout + stderr, flower
+    logged = log.read_text()
+    assert "DEPRECATED FEATURE" in logged and "ConfigRecord" in logged
 
 
 def test_never_sampled_nodes_are_accounted_for_and_nothing_is_kept_for_them(many_clients_run):
-    out, stdout = many_clients_run
+    out, stdout, _ = many_clients_run
     report = json.loads((out / "privacy_report.json").read_text())
     listed = report["clients"]
     population = report["population"]
