@@ -227,7 +227,7 @@ class ModelConfig(_Section):
         description="`scatter` only: width of the trainable head (units, or channels).",
     )
     scatter_stride: Literal[1, 2] = Field(
-        1,
+        2,
         description="`scatter` only: compute the wavelet responses every `scatter_stride` "
         "pixels before pooling them to 7x7. 2 is about 3x cheaper (the wavelet modulus "
         "is smooth, so little is lost); it is the discriminator's largest cost on a CPU.",
@@ -280,7 +280,7 @@ class TrainingConfig(_Section):
         "within a class). It reads generated images only, so it costs no privacy. 0: off.",
     )
     g_steps_per_d_step: int = Field(
-        1,
+        2,
         ge=1,
         le=16,
         description="GAN: generator steps each time the generator trains. Generator steps "
@@ -299,7 +299,7 @@ class TrainingConfig(_Section):
         "(real and generated), which smooths its decision (Sonderby et al., 2017). 0: off.",
     )
     generator_ema: float = Field(
-        0.0,
+        0.99,
         ge=0.0,
         lt=1.0,
         description="GAN: decay of an exponential moving average of the generator's weights "

@@ -25,6 +25,8 @@ wrapper this script adds; the product's messages carry no timings).
 
     python simulations/bench_scale.py                      # 10, 100, 1000 clients
     python simulations/bench_scale.py --sizes 1000 --partition shards
+    python simulations/bench_scale.py --recipe quickstart      # the default quickstart
+    python simulations/bench_scale.py --recipe mnist --rounds 4  # configs/mnist_gan.yaml
 """
 
 from __future__ import annotations
@@ -119,16 +121,12 @@ class _RoundClock:
         pass
 
 
-def run_one(args: argparse.Namespace) -> None:
-    """Run one federation in this process and print its figures as one JSON line."""
+def _scale_config(args: argparse.Namespace):
     from fedgen.config import load_config
-    from fedgen.console import RunConsole
-    from fedgen.reports import RunDir
-    from server.simulation import simulate
 
     n = args.clients
     sampled = max(1, round(n * args.fraction))
-    cfg = load_config(
+    return load_config(
         None,
         [
             "data.dataset=mnist",
@@ -147,7 +145,34 @@ def run_one(args: argparse.Namespace) -> None:
             f"seed={args.seed}",
         ],
     )
-    run_dir = RunDir.create(cfg, Path(args.out) / f"clients-{n}")
+
+
+def _recipe_config(args: argparse.Namespace):
+    """A shipped recipe as it runs by default (the quickstart), or the MNIST recipe
+    shortened to `--rounds` rounds (its evaluation cadence kept)."""
+    from fedgen.config import load_config
+
+    if args.recipe == "quickstart":
+        return load_config(None, [])
+    return load_config(
+        ROOT / "configs" / "mnist_gan.yaml",
+        [f"data.root={args.data_root}", f"federation.rounds={args.rounds}"],
+    )
+
+
+def run_one(args: argparse.Namespace) -> None:
+    """Run one federation in this process and print its figures as one JSON line."""
+    from fedgen.console import RunConsole
+    from fedgen.reports import RunDir
+    from server.simulation import simulate
+
+    if args.recipe != "scale":
+        cfg = _recipe_config(args)
+        args.rounds = cfg.total_rounds
+    else:
+        cfg = _scale_config(args)
+    n = cfg.federation.num_clients
+    run_dir = RunDir.create(cfg, Path(args.out) / f"{args.recipe}-{n}")
     clock = _RoundClock()
     with RunConsole(run_dir.path / "simulation.log", cfg.total_rounds):
         simulate(cfg, run_dir, client=_timed_client_app(), progress=clock)
@@ -256,7 +281,7 @@ def _passthrough(args: argparse.Namespace) -> list[str]:
         "--partition", args.partition, "--fraction", str(args.fraction),
         "--rounds", str(args.rounds), "--local-steps", str(args.local_steps),
         "--batch-size", str(args.batch_size), "--data-root", args.data_root,
-        "--seed", str(args.seed),
+        "--seed", str(args.seed), "--recipe", args.recipe,
     ]  # fmt: skip
 
 
@@ -268,8 +293,14 @@ def _steady(result: dict) -> list[dict]:
 def print_table(args: argparse.Namespace, results: list[dict]) -> None:
     print(
         f"\n{date.today()}  {platform.machine()}  {os.cpu_count()} cores  "
-        f"{platform.python_version()}  MNIST {args.partition}, fraction_train {args.fraction}, "
-        f"{args.rounds} rounds x {args.local_steps} DP steps of batch {args.batch_size}"
+        f"{platform.python_version()}  "
+        + (
+            f"MNIST {args.partition}, fraction_train {args.fraction}, "
+            f"{args.rounds} rounds x {args.local_steps} DP steps of batch {args.batch_size}"
+            if args.recipe == "scale"
+            else f"the {args.recipe} recipe as shipped"
+            + (f", {args.rounds} rounds" if args.recipe == "mnist" else "")
+        )
     )
     header = (
         f"{'clients':>7} {'sampled':>7} {'round s':>8} {'first s':>8} {'last s':>7} "
@@ -313,6 +344,13 @@ def print_table(args: argparse.Namespace, results: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 1000])
+    parser.add_argument(
+        "--recipe",
+        choices=["scale", "quickstart", "mnist"],
+        default="scale",
+        help="scale: the sizes above; quickstart or mnist: that recipe's own federation "
+        "(mnist shortened to --rounds), for the share of its rounds spent outside training",
+    )
     parser.add_argument("--partition", choices=["dirichlet", "shards", "iid"], default="dirichlet")
     parser.add_argument("--fraction", type=float, default=0.1, help="fraction_train")
     parser.add_argument("--rounds", type=int, default=4)
@@ -337,6 +375,8 @@ def main() -> None:
     out = Path(args.out or tempfile.mkdtemp(prefix="fedgen-bench-scale-"))
     out.mkdir(parents=True, exist_ok=True)
     results = []
+    if args.recipe != "scale":
+        args.sizes = [0]  # the recipe's own number of clients
     for n in args.sizes:
         print(f"[bench] {n} clients ...", flush=True)
         results.append(measure(args, n, out))

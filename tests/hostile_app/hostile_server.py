@@ -67,12 +67,13 @@ def main(grid: Grid, context: Context) -> None:
     honest = load_config(None, overrides)
     weights = ArrayRecord(build_model(honest.model, 10, seed=0).state_dict())
     results: dict[str, list[dict]] = {}
-    for name, extra, run_id, server_round in ATTEMPTS:
+
+    def messages_for(extra: list[str], run_id: str, server_round: int) -> list[Message]:
         cfg = load_config(None, [*overrides, *extra])
         config = ConfigRecord(
             {"fedgen-config": cfg.to_json(), "server-round": server_round, "run-id": run_id}
         )
-        messages = [
+        return [
             Message(
                 content=RecordDict({"arrays": weights, "config": config}),
                 dst_node_id=node,
@@ -80,5 +81,26 @@ def main(grid: Grid, context: Context) -> None:
             )
             for node in nodes
         ]
-        results[name] = [_reply(r) for r in grid.send_and_receive(messages, timeout=300)]
-        (out / "hostile.json").write_text(json.dumps(results, indent=2))
+
+    # The honest round first (the hostile ones judge against its ledger), then every hostile
+    # request at once: each device answers them one by one under its lock, and nothing in
+    # a decline depends on the order.
+    (name, extra, run_id, server_round), *hostile = ATTEMPTS
+    results[name] = [
+        _reply(r)
+        for r in grid.send_and_receive(messages_for(extra, run_id, server_round), timeout=300)
+    ]
+    sent: dict[str, str] = {}
+    for name, extra, run_id, server_round in hostile:
+        batch = messages_for(extra, run_id, server_round)
+        for message_id in grid.push_messages(batch):
+            sent[message_id] = name
+        results[name] = []
+    waiting, deadline = set(sent), time.monotonic() + 300
+    while waiting and time.monotonic() < deadline:
+        for reply in grid.pull_messages(waiting):
+            asked = reply.metadata.reply_to_message_id
+            waiting.discard(asked)
+            results[sent[asked]].append(_reply(reply))
+        time.sleep(0.5)
+    (out / "hostile.json").write_text(json.dumps(results, indent=2))
