@@ -9,6 +9,14 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Two test files run at a time on two cores (pytest-xdist): one thread each, and for the
+# processes they start, or the workers' math libraries would fight over the cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
+
 
 def mnist_root() -> Path:
     env = os.environ.get("FEDGEN_DATA_DIR")
