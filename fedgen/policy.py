@@ -264,18 +264,17 @@ def plan_for(
     """(noise multiplier, sample rate, planned steps) of a new run on this device: the
     noise calibrated so that every planned step together stays within both the request's
     target and the device's own maximum. Call `check_request` first."""
-    p = cfg.privacy
-    rate = sample_rate_for(cfg.training.batch_size, accounting_size(policy, num_examples))
-    steps = cfg.planned_steps
-    if not p.enabled:
+    inputs = plan_inputs(policy, cfg, num_examples)
+    rate, steps = inputs["sample_rate"], inputs["steps"]
+    if not inputs["enabled"]:
         return 0.0, rate, steps
-    if p.noise_multiplier is not None:
-        sigma = p.noise_multiplier
+    if inputs["noise_multiplier"] is not None:
+        sigma = inputs["noise_multiplier"]
     else:
-        target = min(p.target_epsilon, policy.max_epsilon)
         budget = PlannedBudget(
-            target, policy.delta, rate, steps, policy.accountant, policy.neighboring
-        )
+            inputs["target_epsilon"], policy.delta, rate, steps, policy.accountant,
+            policy.neighboring,
+        )  # fmt: skip
         try:
             sigma = calibrate_noise(budget)
         except ValueError as err:

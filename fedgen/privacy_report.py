@@ -155,7 +155,7 @@ class PrivacyLedger:
                     "expected": round_steps,
                     "provisional": sum(pending),
                     "got": growth,
-                }  # fmt: skip
+                }
             )
             late = sum(pending) if late > sum(pending) else max(late, 0)
         # Rounds the history now covers are settled, oldest first; the others stay

@@ -61,22 +61,20 @@ def _timed_client_app():
 
     app = ClientApp()
     trained = {"seconds": 0.0, "accounting": 0.0}
-    inner = rounds.train_gan_locally
-    epsilon = privacy._epsilon  # every accountant computation a client makes goes here
 
-    def timed_epsilon(*args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return epsilon(*args, **kwargs)
-        finally:
-            trained["accounting"] += time.perf_counter() - start
+    def timed(inner, key: str):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                trained[key] += time.perf_counter() - start
 
-    def timed_training(*args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return inner(*args, **kwargs)
-        finally:
-            trained["seconds"] += time.perf_counter() - start
+        return wrapper
+
+    timed_training = timed(rounds.train_gan_locally, "seconds")
+    # Every accountant computation a client makes goes through `_epsilon`.
+    timed_epsilon = timed(privacy._epsilon, "accounting")
 
     @app.train()
     def train(msg, context):
