@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,3 +36,29 @@ def mnist_dir() -> Path:
     ):
         pytest.fail(f"MNIST not found at {root}: put it there or set FEDGEN_DATA_DIR")
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, worker_id: str) -> Path:
+    """A finished tiny simulation (`helpers.TINY_RUN`), run once for the whole suite: the
+    first test to ask runs it, under a lock that the other xdist worker waits on, then
+    reads. Tests only read it (copy it to change anything)."""
+    from .helpers import TINY_RUN
+
+    root = tmp_path_factory.getbasetemp()
+    if worker_id != "master":
+        root = root.parent  # shared by this session's workers, and only by them
+    home, done = root / "tiny-run", root / "tiny-run.done"
+    out = home / "run"
+    with FileLock(str(root / "tiny-run.lock")):
+        if not done.exists():
+            shutil.rmtree(home, ignore_errors=True)
+            home.mkdir()
+            cmd = [sys.executable, "-m", "fedgen.cli", "simulate", "--out", str(out)]
+            for setting in TINY_RUN:
+                cmd += ["--set", setting]
+            # A guard against a hung run only: it takes 25-90 s on a 2-core machine.
+            proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+            done.touch()
+    return out

@@ -26,6 +26,22 @@ SMALL = [
     "device=cpu",
 ]
 
+# The tiny real simulation (Flower + Ray, 3 clients, 3 rounds, every client in every
+# round, rounds 2 and 3 evaluated) that several test files read: `tiny_run` in conftest.py
+# runs it once for the whole suite.
+TINY_RUN_ROUNDS = 3
+TINY_RUN = [
+    *SMALL,
+    f"federation.rounds={TINY_RUN_ROUNDS}",
+    "federation.min_train_clients=3",  # every client in every round: histories comparable
+    "federation.client_cpus=0.5",
+    "run.eval_every=2",  # round 2 evaluated, round 1 not: both kinds of round occur
+    "evaluation.samples=100",
+    "evaluation.downstream=never",
+    "evaluation.evaluator_epochs=1",
+    "privacy.reproducible_noise=true",  # a resumed run can be compared number for number
+]
+
 
 def small_config(*overrides: str) -> FedgenConfig:
     return load_config(None, [*SMALL, *overrides])

@@ -5,9 +5,10 @@ same config and seed. `tests/test_resume.py` covers a kill at an arbitrary momen
 round 2 and resuming a finished run; this file covers each point of a round's write order
 (`fedgen.rounds.RoundRecorder.record`), including a kill before any round was committed.
 
-Each case is two real simulations (Flower + Ray, 3 clients, 3 rounds; the killed one
-stops in round 1 or 2): 80-100 s on a 2-core machine. Timeouts are only a guard against a
-hung run, far above that. A stop after the last round was committed is tested in process
+One run (Flower + Ray, 3 clients, 3 rounds) is killed at each point in turn and resumed
+after each: four processes, 25-40 s each on an idle 2-core machine; the uninterrupted run
+is the suite's shared `tiny_run`. Timeouts are only a guard against a hung run, far above
+that. A stop after the last round was committed is tested in process
 (no Ray), for each point after the commit."""
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import os
 import signal
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,36 +34,29 @@ from fedgen.verify import verify_path
 from server.strategy import build_strategy
 
 from .conftest import REPO
-from .helpers import SMALL, small_config
+from .helpers import TINY_RUN, TINY_RUN_ROUNDS, small_config
 from .test_training import _context, _train_message
 
-ROUNDS = 3
+ROUNDS = TINY_RUN_ROUNDS
 EVAL_EVERY = 2  # round 2 is evaluated, round 1 is not: both kinds of round are killed
-SETTINGS = [
-    *SMALL,
-    f"federation.rounds={ROUNDS}",
-    "federation.min_train_clients=3",  # every client in every round: histories comparable
-    "federation.client_cpus=0.5",
-    f"run.eval_every={EVAL_EVERY}",
-    "evaluation.samples=100",
-    "evaluation.downstream=never",
-    "evaluation.evaluator_epochs=1",
-    "privacy.reproducible_noise=true",
-]
-# A guard against a hung run only: a tiny simulation takes 50-90 s.
+SETTINGS = TINY_RUN
+assert f"run.eval_every={EVAL_EVERY}" in SETTINGS and "privacy.reproducible_noise=true" in SETTINGS
+# A guard against a hung run only: a tiny simulation takes 25-90 s.
 TIMEOUT = 900
 
 # (point, round): every point of the issue, in rounds 1 and 2, and each way a run resumes:
 # from its first round (nothing committed), from the round before (the killed round is
 # sent again and answered from the devices' caches), or from the killed round itself
 # (committed: its report, evaluation, metrics line and log entry are written on resume).
-# A kill right after round 1's report was written resumes like `evaluation` in round 2
-# (a committed round's missing outputs written on resume); that point is tested in process
-# below, which keeps this file to three Ray cases (about 40 s each on an idle machine).
+# One run is killed at each in turn: each resume carries the next kill point, and the
+# last resume runs to the end (the points are in the order a run reaches them, so every
+# resume gets past the stop before it). A kill right after round 1's report was written
+# resumes like `evaluation` in round 2 (a committed round's missing outputs written on
+# resume); that point is tested in process below.
 CASES = [
     ("replied", 1),
-    ("evaluation", 2),
     ("checkpoint", 2),
+    ("evaluation", 2),
 ]
 
 
@@ -123,54 +118,70 @@ def _on_disk(out: Path) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
+def reference(tiny_run) -> Path:
     """The same config and seed, never stopped."""
-    out = tmp_path_factory.mktemp("reference") / "run"
-    proc = subprocess.run(
-        _simulate("--out", str(out)), cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out
+    return tiny_run
 
 
-@pytest.fixture(scope="module", params=CASES, ids=[f"{p}-round{r}" for p, r in CASES])
-def killed(request, tmp_path_factory) -> tuple[str, int, Path, dict[str, Any], str]:
-    """A run killed at `point` of `round` by the test hook, then resumed: (point, round,
-    run directory, what the kill left, the resumed run's output)."""
-    point, server_round = request.param
-    out = tmp_path_factory.mktemp(f"kill-{point}-{server_round}") / "run"
-    log_path = out.parent / "killed.log"
-    with open(log_path, "w") as log:
-        # Its own session: the hook's killpg takes the CLI, Ray and the clients, and
-        # nothing of this test.
-        proc = subprocess.Popen(
-            _simulate("--out", str(out)),
-            cwd=REPO,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, ENV_VAR: f"{point}:{server_round}"},
-            start_new_session=True,
+@dataclass(frozen=True)
+class Stop:
+    point: str
+    round: int
+    left: dict[str, Any]  # what the kill left on disk
+    resumed_stdout: str  # what the next process (the resume) printed
+
+
+@pytest.fixture(scope="module")
+def killed_run(tmp_path_factory) -> tuple[Path, list[Stop]]:
+    """One run killed by the test hook at each of CASES in turn (each resume carries the
+    next point), then resumed to its end: (run directory, the stops)."""
+    out = tmp_path_factory.mktemp("killed") / "run"
+    args, lefts, outputs = ["--out", str(out)], [], []
+    for point, server_round in CASES:
+        log_path = out.parent / f"killed-{point}-{server_round}.log"
+        with open(log_path, "w") as log:
+            # Its own session: the hook's killpg takes the CLI, Ray and the clients, and
+            # nothing of this test. Unbuffered: what it printed survives the kill.
+            proc = subprocess.Popen(
+                _simulate(*args),
+                cwd=REPO,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, ENV_VAR: f"{point}:{server_round}", "PYTHONUNBUFFERED": "1"},
+                start_new_session=True,
+            )
+            try:
+                proc.wait(TIMEOUT)
+            finally:
+                _kill_leftovers(proc.pid)
+                proc.wait(30)
+        printed = log_path.read_text()
+        assert proc.returncode == -signal.SIGKILL, (
+            f"not killed at {point}:{server_round} (exit {proc.returncode}):\n" + printed[-3000:]
         )
-        try:
-            proc.wait(TIMEOUT)
-        finally:
-            _kill_leftovers(proc.pid)
-            proc.wait(30)
-    assert proc.returncode == -signal.SIGKILL, (
-        f"not killed at {point}:{server_round} (exit {proc.returncode}):\n"
-        + log_path.read_text()[-3000:]
-    )
-    left = _on_disk(out)
+        outputs.append(printed)
+        lefts.append(_on_disk(out))
+        args = ["--resume", str(out)]
     resumed = subprocess.run(
-        _simulate("--resume", str(out)), cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT
+        _simulate(*args), cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT
     )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    return point, server_round, out, left, resumed.stdout
+    outputs.append(resumed.stdout)
+    stops = [
+        Stop(point, n, left, outputs[i + 1])
+        for i, ((point, n), left) in enumerate(zip(CASES, lefts, strict=True))
+    ]
+    return out, stops
 
 
-def test_the_kill_came_where_the_hook_says(killed):
+@pytest.fixture(params=range(len(CASES)), ids=[f"{p}-round{r}" for p, r in CASES])
+def stop(request, killed_run) -> Stop:
+    return killed_run[1][request.param]
+
+
+def test_the_kill_came_where_the_hook_says(stop):
     """What was on disk when the process group died: each point is the state it names."""
-    point, n, _, left, _ = killed
+    point, n, left = stop.point, stop.round, stop.left
     trained = {str(c): list(range(1, n + 1)) for c in range(3)}
     assert left["ledgers"] == trained  # every device had trained and cached round n
     before = [f"server_{r:03d}.json" for r in range(1, n)]
@@ -194,8 +205,8 @@ def test_the_kill_came_where_the_hook_says(killed):
     assert len(left["report"]) <= len(left["states"])
 
 
-def test_the_resumed_run_equals_an_uninterrupted_one(killed, reference):
-    point, n, out, left, stdout = killed
+def test_each_resume_starts_where_its_kill_left_the_run(stop, killed_run):
+    point, n, stdout = stop.point, stop.round, stop.resumed_stdout
     committed = point in ("report", "evaluation")  # the killed round's state was on disk
     if committed:
         assert f"after round {n}" in stdout
@@ -205,9 +216,16 @@ def test_the_resumed_run_equals_an_uninterrupted_one(killed, reference):
         assert "from its first round (none was completed)" in stdout
     else:
         assert f"after round {n - 1}" in stdout
+    # The devices' ledgers continue the same run.
+    out = killed_run[0]
+    assert json.loads((out / "manifest.json").read_text())["run_id"] == stop.left["run_id"]
+
+
+def test_the_resumed_run_equals_an_uninterrupted_one(killed_run, reference):
+    out, stops = killed_run
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "completed"
-    assert manifest["run_id"] == left["run_id"]  # the devices' ledgers continue the same run
+    assert len({s.left["run_id"] for s in stops}) == 1  # one run, stopped three times
     assert _metrics_rounds(out) == list(range(1, ROUNDS + 1))
     mine = json.loads((out / "privacy_report.json").read_text())
     theirs = json.loads((reference / "privacy_report.json").read_text())
@@ -222,8 +240,8 @@ def test_the_resumed_run_equals_an_uninterrupted_one(killed, reference):
     assert _ledger_rounds(out) == {str(c): list(range(1, ROUNDS + 1)) for c in range(3)}
 
 
-def test_the_resumed_run_verifies_and_holds_no_partial_file(killed):
-    _, _, out, _, _ = killed
+def test_the_resumed_run_verifies_and_holds_no_partial_file(killed_run):
+    out = killed_run[0]
     result = verify_path(out)
     assert result["passed"], [c for c in result["checks"] if c["status"] == "FAIL"]
     run = RunDir(out)

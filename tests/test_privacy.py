@@ -8,12 +8,20 @@ from dp_accounting import pld, rdp
 from fedgen.data import client_partition
 from fedgen.dp_sgd import PoissonBatches
 from fedgen.models import build_gan
-from fedgen.privacy import PlannedBudget, calibrate_noise, epsilon_of, sample_rate_for
+from fedgen.privacy import (
+    PLD_DISCRETIZATION,
+    PlannedBudget,
+    calibrate_noise,
+    epsilon_of,
+    merge_runs,
+    sample_rate_for,
+)
 from fedgen.rounds import client_round, plan_privacy
 from fedgen.secure_random import SecureRandom
 
 from .helpers import small_config
 
+NEIGHBOURS = {"add_remove": "ADD_OR_REMOVE_ONE", "replace_one": "REPLACE_ONE"}
 PAIRS = [("rdp", "add_remove"), ("pld", "add_remove"), ("pld", "replace_one")]
 
 
@@ -103,6 +111,32 @@ def test_replace_one_costs_more_than_add_remove_for_the_same_history():
 def test_epsilon_is_never_negative(delta):
     for accountant, neighboring in PAIRS:
         assert epsilon_of([(3.0, 0.01, 10)], delta, accountant, neighboring) >= 0.0
+
+
+@pytest.mark.parametrize("neighboring", ["add_remove", "replace_one"])
+def test_pld_epsilon_is_what_dp_accountings_accountant_computes(neighboring):
+    """fedgen keeps each one-step PLD to reuse it; the figure must stay the accountant's
+    own: bit for bit on a merged history, and within 1e-9 on the unmerged one (the
+    published recipe composes the merged one)."""
+    relation = getattr(dp_accounting.NeighboringRelation, NEIGHBOURS[neighboring])
+    histories = [
+        [(0.8, 0.01, 300)],
+        [(1.1, 0.13, 10), (1.1, 0.13, 10), (1.1, 0.13, 20)],
+        [(2.5, 0.5, 7), (0.9, 0.02, 100), (0.9, 0.02, 1)],
+        [(1.3, 1.0, 5)],
+    ]
+    for history in histories:
+        merged = merge_runs(tuple(history))
+        for entries, exact in ((merged, True), (history, False)):
+            acc = pld.PLDAccountant(
+                neighboring_relation=relation, value_discretization_interval=PLD_DISCRETIZATION
+            )
+            for sigma, q, steps in entries:
+                event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
+                acc.compose(event, steps)
+            theirs = max(0.0, acc.get_epsilon(1e-5))
+            ours = epsilon_of(history, 1e-5, "pld", neighboring)
+            assert ours == theirs if exact else ours == pytest.approx(theirs, rel=1e-9)
 
 
 def test_rdp_cannot_claim_replace_one():

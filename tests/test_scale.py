@@ -5,6 +5,7 @@ The figures at 10, 100 and 1,000 clients come from `simulations/bench_scale.py`.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -17,6 +18,7 @@ import pytest
 
 import clients.app as client_app
 from fedgen import device as device_module
+from fedgen import privacy
 from fedgen.data import client_partition, data_fingerprint
 from fedgen.device import device_round
 from fedgen.ledger import DeviceLedger
@@ -154,12 +156,33 @@ def test_a_device_calibrates_its_noise_once_and_reuses_the_plan_from_its_ledger(
     assert policy.max_epsilon >= cfg.privacy.target_epsilon
 
 
-def test_calibrations_started_from_their_neighbours_still_reach_the_target():
+def test_calibrations_started_from_their_neighbours_reach_the_target_cheaply(monkeypatch):
+    """A process calibrating many clients of different sizes starts each from its
+    neighbours' answers: after the first few, a calibration builds at most four coarse
+    one-step PLDs and one fine one (the fine one is then reused for the client's epsilon
+    after each round), and still ends within the tolerance below the target."""
     _CALIBRATED.clear()
+    builds: list[float] = []
+    built = privacy._one_step_pld.__wrapped__
+
+    @functools.lru_cache(maxsize=256)
+    def counted(sigma, q, neighboring, discretization):
+        builds.append(discretization)
+        return built(sigma, q, neighboring, discretization)
+
+    monkeypatch.setattr(privacy, "_one_step_pld", counted)
     target, steps = 10.0, 40
-    for n in (100, 20, 200, 60, 61, 150, 30, 199):  # the later ones start between neighbours
+    sizes = (100, 20, 200, 60, 61, 150, 30, 199, 45, 120, 80, 33)
+    for i, n in enumerate(sizes):
         q = 8 / n
+        builds.clear()
         sigma = calibrate_noise(PlannedBudget(target, 1e-5, q, steps, "pld", "replace_one"))
         eps = epsilon_of([(sigma, q, steps)], 1e-5, "pld", "replace_one")
         assert target * (1 - CALIBRATION_TOLERANCE) <= eps <= target, (n, eps)
-    assert len(_CALIBRATED[(target, 1e-5, steps, "pld", "replace_one")]) == 8
+        if i >= 3:  # neighbours on both sides, or near enough to extrapolate
+            assert builds.count(privacy.PLD_DISCRETIZATION) == 1, (n, builds)
+            assert builds.count(privacy.COARSE_DISCRETIZATION) <= 4, (n, builds)
+        builds.clear()
+        epsilon_of([(sigma, q, steps // 4)], 1e-5, "pld", "replace_one")  # after round 1
+        assert builds == [], "the round's epsilon rebuilt the one-step PLD"
+    assert len(_CALIBRATED[(target, 1e-5, steps, "pld", "replace_one")]) == len(sizes)

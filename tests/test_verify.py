@@ -43,32 +43,16 @@ from fedgen.verify import (
 from server.strategy import build_strategy, client_report
 
 from .conftest import REPO
-from .helpers import SMALL, small_config
+from .helpers import TINY_RUN_ROUNDS, small_config
 from .test_training import _context, _train_message
 
-ROUNDS = 3
-SETTINGS = [
-    *SMALL,
-    f"federation.rounds={ROUNDS}",
-    "federation.min_train_clients=3",
-    "federation.client_cpus=0.5",
-    "run.eval_every=10",  # evaluated once, after the last round: one sample grid
-    "evaluation.samples=100",
-    "evaluation.downstream=never",
-    "evaluation.evaluator_epochs=1",
-]
+ROUNDS = TINY_RUN_ROUNDS
 
 
 @pytest.fixture(scope="module")
-def fresh_run(tmp_path_factory) -> Path:
-    """One tiny real simulation (Flower + Ray, 3 clients, 3 rounds) for every test here."""
-    out = tmp_path_factory.mktemp("verify") / "run"
-    cmd = [sys.executable, "-m", "fedgen.cli", "simulate", "--out", str(out)]
-    for setting in SETTINGS:
-        cmd += ["--set", setting]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out
+def fresh_run(tiny_run) -> Path:
+    """One tiny real simulation (Flower + Ray, 3 clients, 3 rounds), shared with other files."""
+    return tiny_run
 
 
 @pytest.fixture
