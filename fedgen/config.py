@@ -226,6 +226,15 @@ class ModelConfig(_Section):
         le=4096,
         description="`scatter` only: width of the trainable head (units, or channels).",
     )
+    latent_code_dims: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="GAN: how many latent values the generator must make readable from its "
+        "image (InfoGAN's continuous codes, read back by a small head trained on generated "
+        "images only: no privacy cost), against a generator that ignores its latent. "
+        "Weighted by training.latent_code_weight. 0: off.",
+    )
     scatter_stride: Literal[1, 2] = Field(
         2,
         description="`scatter` only: compute the wavelet responses every `scatter_stride` "
@@ -242,6 +251,15 @@ class ModelConfig(_Section):
         64, ge=4, le=1024, description="Code prior (masked PixelCNN) width."
     )
     prior_layers: int = Field(4, ge=2, le=32, description="Code prior masked convolution layers.")
+
+    @model_validator(mode="after")
+    def _codes_fit_the_latent(self) -> ModelConfig:
+        if self.latent_code_dims > self.latent_dim:
+            raise ValueError(
+                f"model.latent_code_dims={self.latent_code_dims} exceeds model.latent_dim="
+                f"{self.latent_dim}: the codes are the latent's first values; lower it"
+            )
+        return self
 
 
 class TrainingConfig(_Section):
@@ -278,6 +296,13 @@ class TrainingConfig(_Section):
         description="GAN: weight of the mode-seeking term in the generator's loss, which "
         "rewards different images for different latents of one class (against collapse "
         "within a class). It reads generated images only, so it costs no privacy. 0: off.",
+    )
+    latent_code_weight: float = Field(
+        1.0,
+        ge=0.0,
+        le=100.0,
+        description="GAN: weight of the latent-code term (mean squared error of the codes "
+        "read back) in the generator's loss; used when model.latent_code_dims > 0.",
     )
     g_steps_per_d_step: int = Field(
         2,

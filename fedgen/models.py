@@ -20,6 +20,7 @@ __all__ = [
     "Discriminator",
     "ScatterFeatures",
     "ScatterDiscriminator",
+    "LatentCodeHead",
     "ConditionalGAN",
     "VQVAEWithPrior",
     "build_discriminator",
@@ -35,9 +36,13 @@ class Generator(nn.Module):
     convolutions (transposed stride-2 convolutions leave checkerboard speckle), then a 3x3
     convolution to one channel."""
 
-    def __init__(self, latent_dim: int, channels: int, num_classes: int, groups: int) -> None:
+    def __init__(
+        self, latent_dim: int, channels: int, num_classes: int, groups: int, code_dims: int = 0
+    ) -> None:
         super().__init__()
         self.latent_dim = latent_dim
+        # Trained with the generator, on its own images only (`LatentCodeHead`).
+        self.code_head = LatentCodeHead(code_dims) if code_dims > 0 else None
         self.num_classes = num_classes
         wide = 2 * channels
         self.label_embedding = nn.Embedding(num_classes, latent_dim)
@@ -71,6 +76,29 @@ class Generator(nn.Module):
     def sample_latent(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         device = next(self.parameters()).device
         return torch.randn(n, self.latent_dim, generator=generator).to(device)
+
+
+class LatentCodeHead(nn.Module):
+    """Reads the first `dims` latent values back from a generated image: the Q network of
+    InfoGAN (Chen et al., 2016) for continuous codes. The generator is trained to make
+    them readable, so those latent directions must change the image (against a generator
+    that ignores its latent and draws one image per class). It sees generated images
+    only, never a real one, and is trained with the generator: post-processing, no
+    privacy cost. Fixed wavelet features (no parameters) and a small MLP."""
+
+    def __init__(self, dims: int, hidden: int = 64) -> None:
+        super().__init__()
+        self.dims = dims
+        self.features = ScatterFeatures(stride=2)
+        self.net = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(self.features.out_channels * 49, hidden),
+            nn.LeakyReLU(0.2),
+            nn.Linear(hidden, dims),
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(self.features(images))
 
 
 class Discriminator(nn.Module):
@@ -198,7 +226,9 @@ class ConditionalGAN(nn.Module):
 
     def __init__(self, cfg: ModelConfig, num_classes: int = 10) -> None:
         super().__init__()
-        self.generator = Generator(cfg.latent_dim, cfg.generator_channels, num_classes, cfg.groups)
+        self.generator = Generator(
+            cfg.latent_dim, cfg.generator_channels, num_classes, cfg.groups, cfg.latent_code_dims
+        )
         self.discriminator = build_discriminator(cfg, num_classes)
         self.num_classes = num_classes
 

@@ -103,7 +103,7 @@ def import_adam(
             if key.startswith(f"{prefix}.{i}.")
         }
         if not entry:
-            return
+            continue  # never stepped (no gradient reached it yet): it starts afresh
         for name in ("exp_avg", "exp_avg_sq"):
             if name in entry and entry[name].shape != p.shape:
                 return
@@ -321,9 +321,11 @@ def generator_step(
     mode_seeking_weight: float = 0.0,
     loss_kind: str = "nonsaturating",
     instance_noise: float = 0.0,
+    latent_code_weight: float = 0.0,
 ) -> float:
     """One generator update through the (frozen) discriminator, plus the mode-seeking term
-    when its weight is positive. Returns the adversarial loss."""
+    and the latent-code term when their weights are positive. Returns the adversarial
+    loss."""
     device = next(generator.parameters()).device
     d_params = [p for p in disc.parameters() if p.requires_grad]
     for p in d_params:
@@ -341,7 +343,11 @@ def generator_step(
             loss = _g_loss(disc(_noisy(fake, instance_noise), labels), loss_kind)
             total = loss
             if seek_modes:
-                total = loss + mode_seeking_weight * mode_seeking_penalty(fake, z)
+                total = total + mode_seeking_weight * mode_seeking_penalty(fake, z)
+            code_head = getattr(generator, "code_head", None)
+            if code_head is not None and latent_code_weight > 0:
+                read = code_head(fake)
+                total = total + latent_code_weight * F.mse_loss(read, z[:, : code_head.dims])
             total.backward()
         if extra_grads is not None:
             g_params = [p for p in generator.parameters() if p.requires_grad]
@@ -467,6 +473,7 @@ def train_gan_locally(
                         training.mode_seeking_weight,
                         training.gan_loss,
                         training.instance_noise,
+                        training.latent_code_weight,
                     )
                 )
                 if ema is not None:

@@ -28,6 +28,7 @@ def _config():
         "training.g_steps_per_d_step=2",
         "training.generator_ema=0.9",
         "training.gan_loss=hinge",
+        "model.latent_code_dims=2",  # its code head is trained with the generator
     )
 
 
@@ -92,7 +93,9 @@ def test_a_kept_optimizer_state_round_trips_and_is_ignored_for_another_model():
     flat = training.export_adam(opt, "g")
     fresh = torch.optim.Adam(model.generator.parameters(), lr=1e-3)
     training.import_adam(fresh, "g", flat)
-    for p in model.generator.parameters():
+    stepped = [p for p in model.generator.parameters() if p in opt.state]
+    assert stepped and len(fresh.state) == len(stepped)  # the code head was never stepped
+    for p in stepped:
         for name in ("exp_avg", "exp_avg_sq", "step"):
             assert torch.equal(fresh.state[p][name], opt.state[p][name])
     other = build_gan(small_config("model.generator_channels=8").model, seed=0)
