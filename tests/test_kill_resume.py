@@ -1,12 +1,12 @@
 """A kill at any moment is resumable: SIGKILL the whole `fedgen simulate` process group at a
 named point of round 1 or 2 (the test hook `fedgen.killpoints`, no timing), resume it, and
 the run ends with the round count, histories and epsilons of an uninterrupted run of the
-same config and seed. `tests/test_resume.py` covers a kill at an arbitrary moment of
-round 2 and resuming a finished run; this file covers each point of a round's write order
-(`fedgen.rounds.RoundRecorder.record`), including a kill before any round was committed.
+same config and seed. It covers each point of a round's write order
+(`fedgen.rounds.RoundRecorder.record`), including a kill before any round was committed,
+a kill from outside at an arbitrary moment of a round, and resuming a finished run.
 
 One run (Flower + Ray, 3 clients, 3 rounds) is killed at each point in turn and resumed
-after each: four processes, 25-40 s each on an idle 2-core machine; the uninterrupted run
+after each: five processes, 25-40 s each on an idle 2-core machine; the uninterrupted run
 is the suite's shared `tiny_run`. Timeouts are only a guard against a hung run, far above
 that. A stop after the last round was committed is tested in process
 (no Ray), for each point after the commit."""
@@ -16,9 +16,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,9 +29,12 @@ import pytest
 from flwr.app import ArrayRecord
 
 from clients.app import train as client_train
+from fedgen.config import load_config
+from fedgen.data import client_partition
 from fedgen.killpoints import ENV_VAR, KILL_POINTS
+from fedgen.privacy import epsilon_of
 from fedgen.reports import RunDir
-from fedgen.rounds import RoundRecorder, finish_committed_round
+from fedgen.rounds import RoundRecorder, finish_committed_round, plan_privacy
 from fedgen.verify import verify_path
 from server.strategy import build_strategy
 
@@ -53,8 +58,12 @@ TIMEOUT = 900
 # resume gets past the stop before it). A kill right after round 1's report was written
 # resumes like `evaluation` in round 2 (a committed round's missing outputs written on
 # resume); that point is tested in process below.
+# `outside` is no hook: the test itself SIGKILLs the process group at an arbitrary moment
+# of round 2 (round 1 committed, some device already trained round 2), as a power cut would.
+OUTSIDE = "outside"
 CASES = [
     ("replied", 1),
+    (OUTSIDE, 2),
     ("checkpoint", 2),
     ("evaluation", 2),
 ]
@@ -123,6 +132,21 @@ def reference(tiny_run) -> Path:
     return tiny_run
 
 
+def _kill_in_round(proc: subprocess.Popen, out: Path, server_round: int) -> None:
+    """SIGKILL `proc`'s process group once the round before `server_round` is committed
+    and some device has trained `server_round`; polled, no timing."""
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended before round {server_round} could be interrupted")
+        trained = any(server_round in r for r in _ledger_rounds(out).values())
+        if _metrics_rounds(out) == list(range(1, server_round)) and trained:
+            os.killpg(proc.pid, signal.SIGKILL)
+            return
+        time.sleep(0.05)
+    pytest.fail(f"round {server_round} never started")
+
+
 @dataclass(frozen=True)
 class Stop:
     point: str
@@ -139,18 +163,19 @@ def killed_run(tmp_path_factory) -> tuple[Path, list[Stop]]:
     args, lefts, outputs = ["--out", str(out)], [], []
     for point, server_round in CASES:
         log_path = out.parent / f"killed-{point}-{server_round}.log"
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # what it printed survives the kill
+        if point != OUTSIDE:
+            env[ENV_VAR] = f"{point}:{server_round}"
         with open(log_path, "w") as log:
-            # Its own session: the hook's killpg takes the CLI, Ray and the clients, and
-            # nothing of this test. Unbuffered: what it printed survives the kill.
+            # Its own session: the kill takes the CLI, Ray and the clients, and nothing of
+            # this test.
             proc = subprocess.Popen(
-                _simulate(*args),
-                cwd=REPO,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, ENV_VAR: f"{point}:{server_round}", "PYTHONUNBUFFERED": "1"},
+                _simulate(*args), cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env,
                 start_new_session=True,
-            )
+            )  # fmt: skip
             try:
+                if point == OUTSIDE:
+                    _kill_in_round(proc, out, server_round)
                 proc.wait(TIMEOUT)
             finally:
                 _kill_leftovers(proc.pid)
@@ -183,9 +208,14 @@ def test_the_kill_came_where_the_hook_says(stop):
     """What was on disk when the process group died: each point is the state it names."""
     point, n, left = stop.point, stop.round, stop.left
     trained = {str(c): list(range(1, n + 1)) for c in range(3)}
-    assert left["ledgers"] == trained  # every device had trained and cached round n
     before = [f"server_{r:03d}.json" for r in range(1, n)]
     claimed = list(range(1, n))  # rounds the report and metrics claim
+    if point == OUTSIDE:  # mid-round: some devices had trained round n, none beyond it
+        assert any(r == trained["0"] for r in left["ledgers"].values())
+        assert all(r in (claimed, trained["0"]) for r in left["ledgers"].values())
+        assert left["states"] == before and left["report"] == claimed == left["metrics"]
+        return
+    assert left["ledgers"] == trained  # every device had trained and cached round n
     if point == "replied":
         assert left["states"] == before and left["report"] == claimed
     elif point == "checkpoint":
@@ -250,6 +280,38 @@ def test_the_resumed_run_verifies_and_holds_no_partial_file(killed_run):
     assert run.resume_point()[0] == ROUNDS
     leftovers = [p for p in out.rglob(".*") if p.is_file()]
     assert leftovers == []
+
+
+def test_histories_and_epsilons_are_those_the_plan_fixes(killed_run):
+    """Independently of the reference run: every client, every round, at the noise
+    calibrated once for the planned steps."""
+    out = killed_run[0]
+    cfg = load_config(None, SETTINGS)
+    report = json.loads((out / "privacy_report.json").read_text())
+    for pid in range(cfg.federation.num_clients):
+        n = len(client_partition(cfg, pid, cfg.federation.num_clients))
+        plan = plan_privacy(cfg, n)
+        uninterrupted = [[plan.noise_multiplier, plan.sample_rate, cfg.planned_steps]]
+        client = report["clients"][str(pid)]
+        assert client["history"] == uninterrupted
+        assert client["rounds_participated"] == ROUNDS
+        expected = epsilon_of(uninterrupted, cfg.privacy.delta, "pld", "replace_one")
+        assert client["epsilon"] == pytest.approx(expected)
+    assert [sorted(r["epsilon"]) for r in report["rounds"]] == [["0", "1", "2"]] * ROUNDS
+
+
+def test_resuming_a_finished_run_changes_nothing(killed_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("finished") / "run"  # a path without the word below
+    shutil.copytree(killed_run[0], out)
+    report = (out / "privacy_report.json").read_text()
+    again = subprocess.run(
+        _simulate("--resume", str(out)), cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"has finished all {ROUNDS} rounds" in again.stdout
+    assert "resuming" not in again.stdout  # no federation was started
+    assert (out / "privacy_report.json").read_text() == report
+    assert _metrics_rounds(out) == list(range(1, ROUNDS + 1))
 
 
 # --- in process (no Ray): the hook, and a stop after the last round was committed -------
