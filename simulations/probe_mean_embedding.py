@@ -16,6 +16,7 @@ term helps at all before anyone builds its private release (one Gaussian release
 client, sensitivity 2 max||phi|| / n_c under replace-one, composed into the ledger).
 
     OMP_NUM_THREADS=1 python simulations/probe_mean_embedding.py --weight 10 --downstream
+    OMP_NUM_THREADS=1 python simulations/probe_mean_embedding.py --weight 10 --bandwidth 0.5 --downstream
 """
 
 from __future__ import annotations
@@ -41,9 +42,10 @@ from fedgen.models import ScatterFeatures  # noqa: E402
 class MeanEmbedding:
     """Random Fourier features of fixed wavelet features, and per-class means."""
 
-    def __init__(self, features: int, seed: int = 0) -> None:
+    def __init__(self, features: int, seed: int = 0, bandwidth: float = 1.0) -> None:
         self.scatter = ScatterFeatures(stride=2)
         self.features = features
+        self.bandwidth = bandwidth  # times the median distance
         self.seed = seed
         self.w: torch.Tensor | None = None
         self.b: torch.Tensor | None = None
@@ -52,7 +54,7 @@ class MeanEmbedding:
         """Bandwidth: the median distance between wavelet features of real images."""
         with torch.no_grad():
             f = self.scatter(images[:500]).flatten(1)
-        width = float(torch.cdist(f, f).median())
+        width = self.bandwidth * float(torch.cdist(f, f).median())
         gen = torch.Generator().manual_seed(self.seed)
         self.w = torch.randn(f.shape[1], self.features, generator=gen) / width
         self.b = 2 * math.pi * torch.rand(self.features, generator=gen)
@@ -72,6 +74,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--weight", type=float, default=10.0)
     parser.add_argument("--features", type=int, default=1000)
+    parser.add_argument("--bandwidth", type=float, default=1.0, help="x the median distance")
     parser.add_argument("--set", action="append", default=[])
     parser.add_argument("--downstream", action="store_true")
     parser.add_argument("--tag", default="")
@@ -81,7 +84,7 @@ def main() -> None:
     torch.set_num_threads(1)
     cfg = load_config(None, args.set)
 
-    embedding = MeanEmbedding(args.features, cfg.seed)
+    embedding = MeanEmbedding(args.features, cfg.seed, args.bandwidth)
     targets: dict[int, torch.Tensor] = {}  # id(shard) -> class means
     current: list[torch.Tensor] = []
     real_round = probe_quality.client_round
@@ -118,7 +121,8 @@ def main() -> None:
     training.generator_step = generator_step
     ns = argparse.Namespace(
         clients=None, eval_every=0, ema=0.0, downstream=args.downstream, tag=args.tag,
-        save=args.save, set=[*args.set, f"probe.mean_embedding_weight={args.weight}"],
+        save=args.save, set=[*args.set, f"probe.mean_embedding_weight={args.weight}",
+             f"probe.bandwidth={args.bandwidth}"],
     )  # fmt: skip
     row = probe_quality.run_probe(cfg, ns)
     Path(args.log).parent.mkdir(parents=True, exist_ok=True)
