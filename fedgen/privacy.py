@@ -60,6 +60,7 @@ PLD_DISCRETIZATION = 1e-3  # value_discretization_interval; 1e-4 moves epsilon b
 CALIBRATION_TOLERANCE = 0.005
 COARSE_DISCRETIZATION = 1e-2  # the calibration's search only; never a reported epsilon
 MAX_USEFUL_NOISE = 100.0
+SECANT_MIN_NOISE = 0.1  # the secant search's floor; below it, the bisection's
 
 _RELATIONS = {
     "add_remove": dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
@@ -212,26 +213,35 @@ def calibrate_noise(plan: PlannedBudget) -> float:
         )
 
     target = plan.target_epsilon
-    if plan.accountant == "pld":
-        # A PLD ten times coarser costs a tenth and reads within ~1e-4 of the fine one:
-        # search with it for the middle of the tolerance, then check with the fine one
-        # (the one reported), which then almost always lands inside it at once.
-        def rough(sigma: float) -> float:
-            history = ((sigma, plan.sample_rate, plan.steps),)
-            return _epsilon(history, plan.delta, "pld", plan.neighboring, COARSE_DISCRETIZATION)
+    if plan.accountant != "pld":
+        return _bisect_noise(spent, target, plan)
 
-        window = (
-            target * (1 - 0.75 * CALIBRATION_TOLERANCE),
-            target * (1 - CALIBRATION_TOLERANCE / 4),
-        )
-        guess = _secant_noise(rough, window, _neighbour_guess(plan))
-        if guess is None:
+    # A PLD ten times coarser costs a tenth. It reads a little high (within ~1e-4 at the
+    # quickstart's plan, a few percent at epsilon 1 or with large noise and many steps):
+    # search with it for the middle of the tolerance, then check with the fine one (the
+    # one reported); where the coarse one read too high, finish with the fine one.
+    def rough(sigma: float) -> float:
+        history = ((sigma, plan.sample_rate, plan.steps),)
+        return _epsilon(history, plan.delta, "pld", plan.neighboring, COARSE_DISCRETIZATION)
+
+    window = (
+        target * (1 - 0.75 * CALIBRATION_TOLERANCE),
+        target * (1 - CALIBRATION_TOLERANCE / 4),
+    )
+    guess = _secant_noise(rough, window, _neighbour_guess(plan))
+    if guess is None:
+        try:
             guess = _bisect_noise(rough, target, plan, CALIBRATION_TOLERANCE / 4)
-        settled = _settle_noise(spent, target, guess)
-        if settled is not None:
-            _CALIBRATED.setdefault(_plan_family(plan), []).append((plan.sample_rate, settled))
-            return settled
-    return _bisect_noise(spent, target, plan)
+        except ValueError:  # the coarse one may refuse what the fine one can reach
+            guess = None
+    settled = _settle_noise(spent, target, guess) if guess is not None else None
+    if settled is None and guess is not None:
+        settled = _secant_noise(spent, window, guess)
+    if settled is None:
+        settled = _bisect_noise(spent, target, plan)  # raises if the target is unreachable
+    assert spent(settled) <= target  # the report relies on it
+    _CALIBRATED.setdefault(_plan_family(plan), []).append((plan.sample_rate, settled))
+    return float(settled)
 
 
 # Noise already calibrated in this process, per plan family, as (sample rate, noise): a
@@ -252,10 +262,13 @@ def _neighbour_guess(plan: PlannedBudget) -> float | None:
         return None
     x = math.log(plan.sample_rate)
     nearest = sorted(known, key=lambda qs: abs(math.log(qs[0]) - x))[:2]
-    if len(nearest) < 2 or nearest[0][0] == nearest[1][0]:
-        return nearest[0][1]
-    (q0, s0), (q1, s1) = nearest
+    (q0, s0) = nearest[0]
+    # Two rates too close to tell a slope from the tolerance's wobble: the nearest alone.
+    if len(nearest) < 2 or abs(math.log(nearest[1][0]) - math.log(q0)) < 0.05:
+        return s0
+    (q1, s1) = nearest[1]
     slope = (math.log(s1) - math.log(s0)) / (math.log(q1) - math.log(q0))
+    slope = min(max(slope, 0.0), 1.0)  # more sampling needs more noise, at most in proportion
     return math.exp(math.log(s0) + slope * (x - math.log(q0)))
 
 
@@ -268,7 +281,8 @@ def _secant_noise(
     """A noise whose `spent` lies in `window`, by secant steps on log(epsilon) against
     log(noise) from `guess` (epsilon falls as the noise grows, smoothly); None if there is
     no guess or it does not get there within `max_evaluations`."""
-    if guess is None or not 0 < guess < MAX_USEFUL_NOISE:
+    # Below SECANT_MIN_NOISE a PLD is huge (gigabytes near 1e-3): leave it to the bisection.
+    if guess is None or not SECANT_MIN_NOISE <= guess < MAX_USEFUL_NOISE:
         return None
     low_target, high_target = window
     aim = math.log(low_target * high_target) / 2
@@ -289,7 +303,7 @@ def _secant_noise(
                 return None
             step = -f1 * (x1 - x0) / (f1 - f0)
         x = points[-1][0] + max(-1.0, min(1.0, step))  # at most a factor e per step
-        if not math.log(1e-3) < x < math.log(MAX_USEFUL_NOISE):
+        if not math.log(SECANT_MIN_NOISE) <= x < math.log(MAX_USEFUL_NOISE):
             return None
     return None
 

@@ -27,8 +27,10 @@ from server.simulation import simulate
 from tests.helpers import SMALL
 
 # Rounds 2 and 3 are under half a second of work on warm clients (measured idle: 0.3-0.4
-# s a round); this is forty times that, and more than ten times it on a 2-core machine
-# busy with other work. Round 2 lasts exactly this long: partition 2 never answers it.
+# s a round). Round 3 holds the most: partition 2 trains its late round 2 and then round
+# 3, one after the other, about a second; this is twenty times that, and several times it
+# on a 2-core machine busy with other work. Round 2 lasts exactly this long: partition 2
+# never answers it.
 ROUND_TIMEOUT = 20.0
 # The first round also starts every client (Ray workers, imports, data, calibration):
 # minutes on a 2-core machine whose cores are busy with other work. Generous, and only

@@ -3,7 +3,7 @@ named point of round 1 or 2 (the test hook `fedgen.killpoints`, no timing), resu
 the run ends with the round count, histories and epsilons of an uninterrupted run of the
 same config and seed. It covers each point of a round's write order
 (`fedgen.rounds.RoundRecorder.record`), including a kill before any round was committed,
-a kill from outside at an arbitrary moment of a round, and resuming a finished run.
+a kill from outside at an arbitrary moment of the last round, and resuming a finished run.
 
 One run (Flower + Ray, 3 clients, 3 rounds) is killed at each point in turn and resumed
 after each: five processes, 25-40 s each on an idle 2-core machine; the uninterrupted run
@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from flwr.app import ArrayRecord
 
 from clients.app import train as client_train
@@ -59,13 +60,15 @@ TIMEOUT = 900
 # resumes like `evaluation` in round 2 (a committed round's missing outputs written on
 # resume); that point is tested in process below.
 # `outside` is no hook: the test itself SIGKILLs the process group at an arbitrary moment
-# of round 2 (round 1 committed, some device already trained round 2), as a power cut would.
+# once some device has trained round 3, as a power cut would: before or after that round
+# is committed, whichever the poll meets. It comes last, so no later stop depends on
+# where it landed.
 OUTSIDE = "outside"
 CASES = [
     ("replied", 1),
-    (OUTSIDE, 2),
     ("checkpoint", 2),
     ("evaluation", 2),
+    (OUTSIDE, 3),
 ]
 
 
@@ -133,14 +136,13 @@ def reference(tiny_run) -> Path:
 
 
 def _kill_in_round(proc: subprocess.Popen, out: Path, server_round: int) -> None:
-    """SIGKILL `proc`'s process group once the round before `server_round` is committed
-    and some device has trained `server_round`; polled, no timing."""
+    """SIGKILL `proc`'s process group once some device has trained `server_round`;
+    polled, no timing (the round's commit and its evaluation, seconds, follow)."""
     deadline = time.monotonic() + TIMEOUT
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             pytest.fail(f"the run ended before round {server_round} could be interrupted")
-        trained = any(server_round in r for r in _ledger_rounds(out).values())
-        if _metrics_rounds(out) == list(range(1, server_round)) and trained:
+        if any(server_round in r for r in _ledger_rounds(out).values()):
             os.killpg(proc.pid, signal.SIGKILL)
             return
         time.sleep(0.05)
@@ -210,10 +212,12 @@ def test_the_kill_came_where_the_hook_says(stop):
     trained = {str(c): list(range(1, n + 1)) for c in range(3)}
     before = [f"server_{r:03d}.json" for r in range(1, n)]
     claimed = list(range(1, n))  # rounds the report and metrics claim
-    if point == OUTSIDE:  # mid-round: some devices had trained round n, none beyond it
+    if point == OUTSIDE:  # some device had trained round n; the round may be committed
         assert any(r == trained["0"] for r in left["ledgers"].values())
         assert all(r in (claimed, trained["0"]) for r in left["ledgers"].values())
-        assert left["states"] == before and left["report"] == claimed == left["metrics"]
+        assert left["states"] in (before, [*before, f"server_{n:03d}.json"])
+        assert left["metrics"] in (claimed, [*claimed, n])
+        assert len(left["report"]) <= len(left["states"])
         return
     assert left["ledgers"] == trained  # every device had trained and cached round n
     if point == "replied":
@@ -238,7 +242,14 @@ def test_the_kill_came_where_the_hook_says(stop):
 def test_each_resume_starts_where_its_kill_left_the_run(stop, killed_run):
     point, n, stdout = stop.point, stop.round, stop.resumed_stdout
     committed = point in ("report", "evaluation")  # the killed round's state was on disk
-    if committed:
+    if point == OUTSIDE:  # killed before or after the round's commit
+        saved = f"server_{n:03d}.json" in stop.left["states"]
+        finished = stop.left["metrics"] == list(range(1, n + 1))
+        if finished:  # even its metrics line was written: only the run's end was left
+            assert "has finished all" in stdout or f"after round {n}" in stdout
+        else:
+            assert f"after round {n if saved else n - 1}" in stdout
+    elif committed:
         assert f"after round {n}" in stdout
         assert f"round {n} was saved before the stop" in stdout
         assert ("evaluation recomputed" in stdout) == (n % EVAL_EVERY == 0)
@@ -255,7 +266,7 @@ def test_the_resumed_run_equals_an_uninterrupted_one(killed_run, reference):
     out, stops = killed_run
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "completed"
-    assert len({s.left["run_id"] for s in stops}) == 1  # one run, stopped three times
+    assert len({s.left["run_id"] for s in stops}) == 1  # one run, stopped at every point
     assert _metrics_rounds(out) == list(range(1, ROUNDS + 1))
     mine = json.loads((out / "privacy_report.json").read_text())
     theirs = json.loads((reference / "privacy_report.json").read_text())
@@ -266,6 +277,14 @@ def test_the_resumed_run_equals_an_uninterrupted_one(killed_run, reference):
         for key in ("history", "epsilon", "steps", "rounds_participated", "tally"):
             assert mine["clients"][cid][key] == client[key], (cid, key)
     assert mine["max_epsilon"] == theirs["max_epsilon"]
+    # The weights too (reproducible noise): a resume that trained from the wrong weights
+    # would keep the histories but not these. Close, not equal: the server may sum the
+    # replies in another order.
+    _, final = RunDir(out).checkpoint(ROUNDS)
+    _, uninterrupted = RunDir(reference).checkpoint(ROUNDS)
+    assert final.keys() == uninterrupted.keys()
+    for key, value in uninterrupted.items():
+        assert torch.allclose(final[key].float(), value.float(), rtol=1e-3, atol=1e-5), key
     # No device trained a round twice: the re-sent round came from its cache.
     assert _ledger_rounds(out) == {str(c): list(range(1, ROUNDS + 1)) for c in range(3)}
 

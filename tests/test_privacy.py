@@ -139,6 +139,26 @@ def test_pld_epsilon_is_what_dp_accountings_accountant_computes(neighboring):
             assert ours == theirs if exact else ours == pytest.approx(theirs, rel=1e-9)
 
 
+def test_a_target_only_the_fine_pld_reaches_is_calibrated_not_refused():
+    """The coarse PLD of the search reads high here (epsilon 1.0007 at noise 100, where
+    the fine one reads 0.456): the plan is reachable, and must be calibrated."""
+    plan = PlannedBudget(1.0, 1e-5, 0.0901, 5000, "pld", "replace_one")
+    sigma = calibrate_noise(plan)
+    eps = epsilon_of([(sigma, plan.sample_rate, plan.steps)], 1e-5, "pld", "replace_one")
+    assert 0.995 <= eps <= 1.0
+
+
+def test_neighbours_too_close_to_give_a_slope_do_not_derail_a_calibration():
+    """Two clients of 6,000 and 6,001 examples: their noises differ by the tolerance's
+    wobble, not by a slope; a client of 3,000 calibrated after them must not start from
+    a line through the two (which once guessed a noise of 5e-4 and a PLD of gigabytes)."""
+    for n in (6000, 6001, 3000):
+        q = 64 / n
+        sigma = calibrate_noise(PlannedBudget(10.0, 1e-5, q, 1000, "pld", "replace_one"))
+        eps = epsilon_of([(sigma, q, 1000)], 1e-5, "pld", "replace_one")
+        assert 9.95 <= eps <= 10.0, (n, sigma, eps)
+
+
 def test_rdp_cannot_claim_replace_one():
     with pytest.raises(ValueError, match="replace_one"):
         epsilon_of([(1.0, 0.01, 10)], 1e-5, "rdp", "replace_one")
