@@ -93,18 +93,6 @@ def check_accounting(accountant: str, neighboring: str) -> None:
         )
 
 
-def _accountant(
-    accountant: str, neighboring: str, discretization: float = PLD_DISCRETIZATION
-) -> dp_accounting.PrivacyAccountant:
-    check_accounting(accountant, neighboring)
-    relation = _RELATIONS[neighboring]
-    if accountant == "rdp":
-        return rdp.RdpAccountant(neighboring_relation=relation)
-    return pld.PLDAccountant(
-        neighboring_relation=relation, value_discretization_interval=discretization
-    )
-
-
 def merge_runs(history: tuple[HistoryEntry, ...]) -> list[HistoryEntry]:
     """Consecutive entries with the same noise and rate as one entry of their summed steps.
     dp-accounting builds a mechanism's privacy loss distribution once per composed event,
@@ -134,7 +122,8 @@ def _epsilon(
     if accountant == "pld":
         epsilon = _pld_epsilon(merge_runs(history), delta, neighboring, discretization)
     else:
-        acc = _accountant(accountant, neighboring, discretization)
+        check_accounting(accountant, neighboring)
+        acc = rdp.RdpAccountant(neighboring_relation=_RELATIONS[neighboring])
         for sigma, q, steps in merge_runs(history):
             event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
             acc.compose(event, steps)

@@ -22,7 +22,6 @@ client, sensitivity 2 max||phi|| / n_c under replace-one, composed into the ledg
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -124,17 +123,7 @@ def main() -> None:
         save=args.save, set=[*args.set, f"probe.mean_embedding_weight={args.weight}",
              f"probe.bandwidth={args.bandwidth}"],
     )  # fmt: skip
-    row = probe_quality.run_probe(cfg, ns)
-    Path(args.log).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.log, "a") as f:
-        f.write(json.dumps(row) + "\n")
-    ds = row.get("downstream_accuracy")
-    print(
-        f"[probe] {args.tag} | weight {args.weight} {' '.join(args.set)} | train "
-        f"{row['train_seconds']}s | LC {row['label_consistency']:.3f} FD "
-        f"{row['frechet_distance']:.1f}" + ("" if ds is None else f" DS {ds:.3f}"),
-        flush=True,
-    )
+    probe_quality.log_row(probe_quality.run_probe(cfg, ns), ns.set, args.log)
 
 
 if __name__ == "__main__":

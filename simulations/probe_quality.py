@@ -157,6 +157,23 @@ def run_probe(cfg: FedgenConfig, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def log_row(row: dict[str, Any], overrides: list[str], log: str) -> None:
+    """Append the row to the JSON log and print its one-line summary."""
+    Path(log).parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    ds = row.get("downstream_accuracy")
+    print(
+        f"[probe] {row['tag'] or '-'} | {' '.join(overrides) or 'defaults'} | clients "
+        f"{row['clients']}x{row['client_examples']} rounds {row['rounds']}x{row['local_steps']} "
+        f"batch {row['batch_size']} sigma {row['sigma']} eps {row['epsilon']} "
+        f"D-params {row['d_params']} | train {row['train_seconds']}s eval "
+        f"{row['eval_seconds']}s | LC {row['label_consistency']:.3f} FD "
+        f"{row['frechet_distance']:.1f}" + ("" if ds is None else f" DS {ds:.3f}"),
+        flush=True,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("config", nargs="?", help="YAML config (default: the quickstart)")
@@ -172,20 +189,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cfg = load_config(args.config, args.set)
-    row = run_probe(cfg, args)
-    Path(args.log).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.log, "a") as f:
-        f.write(json.dumps(row) + "\n")
-    ds = row.get("downstream_accuracy")
-    print(
-        f"[probe] {row['tag'] or '-'} | {' '.join(args.set) or 'defaults'} | clients "
-        f"{row['clients']}x{row['client_examples']} rounds {row['rounds']}x{row['local_steps']} "
-        f"batch {row['batch_size']} sigma {row['sigma']} eps {row['epsilon']} "
-        f"D-params {row['d_params']} | train {row['train_seconds']}s eval "
-        f"{row['eval_seconds']}s | LC {row['label_consistency']:.3f} FD "
-        f"{row['frechet_distance']:.1f}" + ("" if ds is None else f" DS {ds:.3f}"),
-        flush=True,
-    )
+    log_row(run_probe(cfg, args), args.set, args.log)
 
 
 if __name__ == "__main__":

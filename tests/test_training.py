@@ -199,15 +199,20 @@ def _class_spread(gen, label: int = 3, n: int = 64) -> float:
     return float((images[: n // 2] - images[n // 2 :]).abs().mean())
 
 
-@pytest.mark.parametrize("weight", [0.0, 1.0])
-def test_mode_seeking_term_spreads_samples_of_one_class(weight):
-    # A discriminator whose head is zero gives the generator no adversarial gradient, so
-    # whatever moves the generator here is the mode-seeking term alone.
+def _without_adversary(code_dims: int = 0) -> tuple[Generator, Discriminator]:
+    """A small generator and a discriminator whose head is zero: it gives the generator no
+    adversarial gradient, so whatever moves the generator is the term under test alone."""
     torch.manual_seed(0)
-    gen = Generator(latent_dim=16, channels=16, num_classes=10, groups=4)
+    gen = Generator(latent_dim=16, channels=16, num_classes=10, groups=4, code_dims=code_dims)
     disc = Discriminator(channels=8, num_classes=10, groups=4)
     with torch.no_grad():
         disc.head.weight.zero_()
+    return gen, disc
+
+
+@pytest.mark.parametrize("weight", [0.0, 1.0])
+def test_mode_seeking_term_spreads_samples_of_one_class(weight):
+    gen, disc = _without_adversary()
     opt = torch.optim.Adam(gen.parameters(), lr=1e-3, betas=(0.5, 0.999))
     before = _class_spread(gen)
     for _ in range(30):
@@ -234,11 +239,7 @@ def test_latent_code_term_makes_the_latent_readable_from_the_image(weight):
     and its code head is the latent-code term alone: with it, the codes become readable
     from the image (error well under their variance, 1), so the image depends on them;
     without it, neither network moves."""
-    torch.manual_seed(0)
-    gen = Generator(latent_dim=16, channels=16, num_classes=10, groups=4, code_dims=2)
-    disc = Discriminator(channels=8, num_classes=10, groups=4)
-    with torch.no_grad():
-        disc.head.weight.zero_()
+    gen, disc = _without_adversary(code_dims=2)
     opt = torch.optim.Adam(gen.parameters(), lr=3e-3, betas=(0.5, 0.999))
     before = _code_error(gen)
     for _ in range(60):
