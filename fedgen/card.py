@@ -609,7 +609,8 @@ def _about(run: Path, src: _Sources) -> dict[str, Any]:
     return {
         "name": run.name,
         "path": str(run),
-        "model": {"gan": "class-conditional GAN", "vqvae": "VQ-VAE with a code prior"}.get(
+        "model": {"gan": "class-conditional GAN", "vqvae": "VQ-VAE with a code prior",
+                  "mmd": "class-conditional generator fitted to a private mean embedding"}.get(
             cfg.model.type, cfg.model.type
         ),
         "dataset": cfg.data.dataset,

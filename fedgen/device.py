@@ -148,7 +148,7 @@ def device_round(
             client_seed(cfg.seed, seed_index, server_round),
             proximal_mu,
             server_round,
-            _kept_optimizer(ledger, run_id) if cfg.training.keep_optimizer_state else None,
+            _kept_optimizer(ledger, run_id) if cfg.keeps_client_state else None,
         )
         # Its epsilon is the policy's: delta, relation and accountant were checked equal.
         metrics = dict(result.metrics)
@@ -165,7 +165,7 @@ def device_round(
             reply=(result.state_dict, metrics),
             plan_inputs=inputs,
         )
-        if cfg.training.keep_optimizer_state and result.optimizer_state:
+        if cfg.keeps_client_state and result.optimizer_state:
             save_tensors(_optimizer_path(ledger), result.optimizer_state, {"run_id": run_id})
         return DeviceReply("trained", privacy, result.state_dict, metrics)
 

@@ -965,7 +965,7 @@ def explain_model(
     measured: dict[str, Any] = {}
     with torch.random.fork_rng():  # leaves the caller's global random state as it was
         torch.manual_seed(settings.seed)
-        if family == "gan":
+        if family in ("gan", "mmd"):  # both draw with the same class-conditional generator
             _gan_figures(model, settings, dataset, out, entries, measured)
         else:
             _vq_figures(model, settings, dataset, out, entries, measured)

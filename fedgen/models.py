@@ -22,6 +22,8 @@ __all__ = [
     "ScatterDiscriminator",
     "LatentCodeHead",
     "ConditionalGAN",
+    "MeanEmbedding",
+    "MMDGenerator",
     "VQVAEWithPrior",
     "build_discriminator",
     "build_gan",
@@ -244,6 +246,62 @@ class ConditionalGAN(nn.Module):
         return out
 
 
+class MeanEmbedding(nn.Module):
+    """A fixed feature map phi with |phi(x)| = 1 for every image: random Fourier features
+    (Rahimi and Recht, 2007) of an image's wavelet features and pixels, so that
+    phi(x).phi(y) approximates the Gaussian kernel exp(-|f(x) - f(y)|^2 / 2 bandwidth^2).
+    The distance between two sets' mean embeddings is then their MMD (as in DP-MERF,
+    Harder et al., 2021), small only when the two are spread alike: a generator that draws
+    one image per class cannot match it.
+
+    Nothing here is trained; the frequencies come from a public seed and live in buffers
+    that are not in the state_dict (every party rebuilds the same ones)."""
+
+    def __init__(self, frequencies: int, bandwidth: float, seed: int) -> None:
+        super().__init__()
+        self.scatter = ScatterFeatures(stride=2)
+        inputs = self.scatter.out_channels * 49 + IMAGE_SIZE * IMAGE_SIZE
+        gen = torch.Generator().manual_seed(seed)
+        omega = torch.randn(inputs, frequencies, generator=gen) / bandwidth
+        self.register_buffer("omega", omega, persistent=False)
+        self.frequencies = frequencies
+
+    @property
+    def dim(self) -> int:
+        return 2 * self.frequencies
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        pixels = (images + 1) / 2
+        f = torch.cat([self.scatter(images).flatten(1), pixels.flatten(1)], dim=1)
+        h = f @ self.omega
+        # cos^2 + sin^2 = 1 per frequency, so every row has norm exactly 1.
+        return torch.cat([torch.cos(h), torch.sin(h)], dim=1) / math.sqrt(self.frequencies)
+
+
+class MMDGenerator(nn.Module):
+    """A class-conditional generator (the GAN's) fitted to a mean embedding instead of a
+    discriminator: `fedgen.embedding` holds the private release and the fit."""
+
+    def __init__(self, cfg: ModelConfig, num_classes: int = 10) -> None:
+        super().__init__()
+        self.generator = Generator(cfg.latent_dim, cfg.generator_channels, num_classes, cfg.groups)
+        self.embedding = MeanEmbedding(
+            cfg.embedding_frequencies, cfg.embedding_bandwidth, cfg.embedding_seed
+        )
+        self.num_classes = num_classes
+
+    @torch.no_grad()
+    def sample(
+        self, labels: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        was_training = self.generator.training
+        self.generator.eval()
+        z = self.generator.sample_latent(len(labels), generator)
+        out = self.generator(z, labels.to(z.device))
+        self.generator.train(was_training)
+        return out
+
+
 def build_gan(cfg: ModelConfig, num_classes: int = 10, seed: int | None = None) -> ConditionalGAN:
     if seed is not None:
         torch.manual_seed(seed)
@@ -280,4 +338,6 @@ def build_model(cfg: ModelConfig, num_classes: int = 10, seed: int | None = None
         torch.manual_seed(seed)
     if cfg.type == "vqvae":
         return VQVAEWithPrior(cfg, num_classes)
+    if cfg.type == "mmd":
+        return MMDGenerator(cfg, num_classes)
     return ConditionalGAN(cfg, num_classes)

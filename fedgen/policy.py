@@ -205,6 +205,14 @@ def accounting_size(policy: DevicePolicy, num_examples: int) -> int:
     return num_examples
 
 
+def planned_sample_rate(cfg: FedgenConfig, n: int) -> float:
+    """The sample rate of every accounted step: batch_size / n for DP-SGD; 1 for the `mmd`
+    model's release, which reads every example once."""
+    if cfg.model.type == "mmd":
+        return 1.0
+    return sample_rate_for(cfg.training.batch_size, n)
+
+
 def check_request(policy: DevicePolicy, cfg: FedgenConfig, num_examples: int) -> None:
     """Decline a request whose privacy settings differ from or break the policy."""
     p = cfg.privacy
@@ -229,9 +237,9 @@ def check_request(policy: DevicePolicy, cfg: FedgenConfig, num_examples: int) ->
     n = accounting_size(policy, num_examples)
     if policy.delta >= 1.0 / n:
         raise Decline("delta-too-large", f"delta {policy.delta:g} >= 1/n = {1.0 / n:.3g}")
-    if cfg.training.batch_size > n:
+    if cfg.model.type != "mmd" and cfg.training.batch_size > n:
         raise Decline("batch-too-large", f"batch {cfg.training.batch_size} > n {n}")
-    rate = sample_rate_for(cfg.training.batch_size, n)
+    rate = planned_sample_rate(cfg, n)
     if policy.max_sample_rate is not None and rate > policy.max_sample_rate:
         raise Decline(
             "sample-rate-too-high", f"sample rate {rate:.4g} > policy {policy.max_sample_rate:g}"
@@ -245,9 +253,7 @@ def plan_inputs(policy: DevicePolicy, cfg: FedgenConfig, num_examples: int) -> d
     p = cfg.privacy
     return {
         "enabled": p.enabled,
-        "sample_rate": sample_rate_for(
-            cfg.training.batch_size, accounting_size(policy, num_examples)
-        ),
+        "sample_rate": planned_sample_rate(cfg, accounting_size(policy, num_examples)),
         "steps": cfg.planned_steps,
         "noise_multiplier": p.noise_multiplier,
         "target_epsilon": min(p.target_epsilon, policy.max_epsilon),

@@ -26,6 +26,10 @@ __all__ = ["PrivacyLedger", "format_privacy_table", "load_privacy_report", "priv
 MECHANISMS = {
     "gan": "DP-SGD (Opacus per-example clipping, Gaussian noise from a ChaCha20 stream) on "
     "the discriminator's real-image gradient, Poisson sampling",
+    "mmd": "the Gaussian mechanism on the client's per-class sums of unit-norm kernel "
+    "features (sensitivity 1, noise from a ChaCha20 stream), released once per round and "
+    "accounted as one step at sample rate 1; the generator fits the releases "
+    "(post-processing)",
     "vqvae": "DP-SGD (Opacus per-example clipping, Gaussian noise from a ChaCha20 stream) on "
     "every VQ-VAE parameter (codebook included), then on the code prior trained on the "
     "client's own codes; both stages in one accountant history, Poisson sampling",

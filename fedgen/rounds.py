@@ -27,6 +27,7 @@ from fedgen.audit_log import (
 from fedgen.config import FedgenConfig
 from fedgen.console import plural, round_summary, say
 from fedgen.data import NUM_CLASSES, Dataset, federated_partitions, load_dataset, to_tensors
+from fedgen.embedding import train_mmd_locally
 from fedgen.evaluation import Evaluator
 from fedgen.killpoints import kill_point
 from fedgen.models import build_model
@@ -155,7 +156,21 @@ def client_round(
     model = build_model(cfg.model, NUM_CLASSES)
     model.load_state_dict(global_state)
     images, labels = to_tensors(data)
-    if stage == "gan":
+    if stage == "mmd":
+        result = train_mmd_locally(
+            model,
+            images,
+            labels,
+            cfg.training,
+            cfg.privacy,
+            privacy.noise_multiplier,
+            privacy.history,
+            device,
+            seed,
+            privacy.sample_rate,
+            optimizer_state if cfg.keeps_client_state else None,
+        )
+    elif stage == "gan":
         result = train_gan_locally(
             model,
             images,
@@ -168,7 +183,7 @@ def client_round(
             seed,
             proximal_mu,
             privacy.sample_rate,
-            optimizer_state if cfg.training.keep_optimizer_state else None,
+            optimizer_state if cfg.keeps_client_state else None,
         )
     else:
         result = _train_vqvae_stage(
@@ -474,7 +489,7 @@ class RoundRecorder:
             checkpoint = self.run_dir.checkpoints / f"round_{server_round:03d}.safetensors"
             if self._evaluates(server_round):
                 evaluation = self.evaluate(server_round, state)
-        metrics_keys = ("d_loss_fake", "g_loss")
+        metrics_keys = ("d_loss_fake", "g_loss", "mmd_loss")
         line: dict[str, Any] = {
             "round": server_round,
             "stage": self.cfg.stage(server_round),
@@ -589,6 +604,8 @@ class RoundRecorder:
             fails += f"  declined {len(line['declined'])}"
         if line["stage"] == "gan":
             losses = f"  d_loss_fake {fmt(line['d_loss_fake'])}  g_loss {fmt(line['g_loss'])}"
+        elif line["stage"] == "mmd":
+            losses = f"  mmd_loss {fmt(line.get('mmd_loss'))}"
         else:
             ev = line.get("eval", {})
             losses = f"  [{line['stage']}]" + (

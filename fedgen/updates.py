@@ -24,6 +24,8 @@ def max_weight_change(cfg: FedgenConfig, stage: str) -> float:
     """The largest change of any one weight a client's round of `stage` can make."""
     tr = cfg.training
     steps = cfg.local_steps_for(stage)
+    if stage == "mmd":  # one release, then local_steps generator steps
+        return tr.local_steps * tr.lr_generator * ADAM_STEP_MARGIN
     if stage == "gan":
         lr = max(tr.lr_discriminator, tr.lr_generator)
     elif stage == "vqvae":

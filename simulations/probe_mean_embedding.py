@@ -41,8 +41,11 @@ from fedgen.models import ScatterFeatures  # noqa: E402
 class MeanEmbedding:
     """Random Fourier features of fixed wavelet features, and per-class means."""
 
-    def __init__(self, features: int, seed: int = 0, bandwidth: float = 1.0) -> None:
+    def __init__(
+        self, features: int, seed: int = 0, bandwidth: float = 1.0, space: str = "scatter"
+    ) -> None:
         self.scatter = ScatterFeatures(stride=2)
+        self.space = space
         self.features = features
         self.bandwidth = bandwidth  # times the median distance
         self.seed = seed
@@ -52,15 +55,21 @@ class MeanEmbedding:
     def fit_scale(self, images: torch.Tensor) -> None:
         """Bandwidth: the median distance between wavelet features of real images."""
         with torch.no_grad():
-            f = self.scatter(images[:500]).flatten(1)
+            f = self.base(images[:500])
         width = self.bandwidth * float(torch.cdist(f, f).median())
         gen = torch.Generator().manual_seed(self.seed)
         self.w = torch.randn(f.shape[1], self.features, generator=gen) / width
         self.b = 2 * math.pi * torch.rand(self.features, generator=gen)
 
+    def base(self, images: torch.Tensor) -> torch.Tensor:
+        parts = [self.scatter(images).flatten(1)]
+        if self.space == "both":
+            parts.append(((images + 1) / 2).flatten(1))
+        return torch.cat(parts, dim=1)
+
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         assert self.w is not None and self.b is not None
-        f = self.scatter(images).flatten(1)
+        f = self.base(images)
         return math.sqrt(2.0 / self.features) * torch.cos(f @ self.w + self.b)
 
     def class_means(self, images: torch.Tensor, labels: torch.Tensor, classes: int) -> torch.Tensor:
@@ -74,6 +83,7 @@ def main() -> None:
     parser.add_argument("--weight", type=float, default=10.0)
     parser.add_argument("--features", type=int, default=1000)
     parser.add_argument("--bandwidth", type=float, default=1.0, help="x the median distance")
+    parser.add_argument("--space", choices=("scatter", "both"), default="scatter")
     parser.add_argument("--set", action="append", default=[])
     parser.add_argument("--downstream", action="store_true")
     parser.add_argument("--tag", default="")
@@ -83,7 +93,7 @@ def main() -> None:
     torch.set_num_threads(1)
     cfg = load_config(None, args.set)
 
-    embedding = MeanEmbedding(args.features, cfg.seed, args.bandwidth)
+    embedding = MeanEmbedding(args.features, cfg.seed, args.bandwidth, args.space)
     targets: dict[int, torch.Tensor] = {}  # id(shard) -> class means
     current: list[torch.Tensor] = []
     real_round = probe_quality.client_round

@@ -77,6 +77,15 @@ def measure(cfg: FedgenConfig, evaluator: Evaluator, state: State, downstream: b
     return {k: q[k] for k in keys if k in q}
 
 
+def _dp_trained_parameters(cfg: FedgenConfig) -> int:
+    """Parameters DP-SGD trains: the GAN's discriminator (none for `mmd`, whose only
+    private step is its release)."""
+    if cfg.model.type != "gan":
+        return 0
+    disc = build_model(cfg.model, NUM_CLASSES).discriminator
+    return sum(p.numel() for p in disc.parameters() if p.requires_grad)
+
+
 def run_probe(cfg: FedgenConfig, args: argparse.Namespace) -> dict[str, Any]:
     clients = args.clients or cfg.federation.num_clients
     data = load_dataset(cfg.data, "train", seed=cfg.seed)
@@ -144,11 +153,7 @@ def run_probe(cfg: FedgenConfig, args: argparse.Namespace) -> dict[str, Any]:
         "sigma": round(plans[0].noise_multiplier, 4),
         "sample_rate": round(plans[0].sample_rate, 5),
         "epsilon": None if eps is None else round(eps, 3),
-        "d_params": sum(
-            p.numel()
-            for p in build_model(cfg.model, NUM_CLASSES).discriminator.parameters()
-            if p.requires_grad
-        ),
+        "d_params": _dp_trained_parameters(cfg),
         "ema": args.ema,
         "train_seconds": round(train_seconds, 1),
         "eval_seconds": round(eval_seconds, 1),

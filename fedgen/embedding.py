@@ -1,0 +1,142 @@
+"""The `mmd` model's local round: a private release of the client's per-class mean
+embedding, then generator steps that fit it.
+
+Why this is private (sample level, per client):
+- The only computation that reads private data is the per-class sum of embeddings,
+  `sum_i e(x_i, y_i)`, where each example contributes one vector of norm exactly 1: its
+  features `phi(x_i)` (norm 1, `fedgen.models.MeanEmbedding`) and a count, both scaled by
+  1/sqrt(2), in the row of its class. Adding, removing or replacing one example moves the
+  sum by at most 1 (add/remove) or by the difference of two unit vectors (replace-one):
+  DP-SGD's sensitivity with a clip norm of 1, so one release is one step of the Gaussian
+  mechanism with sample rate 1, accounted by the same accountant as `(sigma, 1.0, 1)`.
+- The noise, N(0, sigma^2) on every entry, comes from the client's ChaCha20 stream.
+- Everything after the release is post-processing: the per-class targets (noisy sums over
+  noisy counts), the generator's steps (they read generated images and the targets only),
+  the running mean of the client's releases kept from round to round, and the loss the
+  client reports.
+
+One release per round, each with the noise calibrated for all the rounds: k releases at
+noise sigma compose exactly like one at sigma / sqrt(k), and a client that keeps the
+running mean of its releases fits a target as precise as that single release would give,
+while a client that joins fewer rounds spends less.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fedgen.config import PrivacyConfig, TrainingConfig
+from fedgen.models import MMDGenerator
+from fedgen.privacy import HistoryEntry
+from fedgen.secure_random import SecureRandom
+from fedgen.training import LocalResult, export_adam, import_adam
+
+__all__ = ["embedding_sums", "release", "class_targets", "train_mmd_locally"]
+
+KEPT_SUM = "release.sum"
+KEPT_COUNT = "release.count"
+# A class whose released count is below this is left out of the fit: its target would
+# be mostly noise (a noisy sum over a count near zero).
+MIN_CLASS_COUNT = 5.0
+_CHUNK = 500
+
+
+@torch.no_grad()
+def embedding_sums(
+    model: MMDGenerator, images: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
+    """(classes, dim + 1): per class, the sum of its examples' unit vectors
+    [phi(x), 1] / sqrt(2). Un-noised: it never leaves this module except through
+    `release`."""
+    embed = model.embedding
+    sums = torch.zeros(model.num_classes, embed.dim + 1, dtype=torch.float64)
+    device = embed.omega.device
+    for start in range(0, len(images), _CHUNK):
+        x = images[start : start + _CHUNK].to(device)
+        y = labels[start : start + _CHUNK].long()
+        phi = embed(x).double().cpu()
+        # Exactly norm 1 in float64 (float32's rounding could exceed it by ~1e-7): the
+        # sensitivity is a bound, not an approximation.
+        phi = phi / phi.norm(dim=1, keepdim=True)
+        rows = torch.cat([phi, torch.ones(len(x), 1, dtype=torch.float64)], dim=1)
+        sums.index_add_(0, y, rows / math.sqrt(2.0))
+    return sums
+
+
+def release(sums: torch.Tensor, noise_multiplier: float, rng: SecureRandom) -> torch.Tensor:
+    """The Gaussian mechanism on the sums (sensitivity 1, as above)."""
+    return sums + rng.gaussian(tuple(sums.shape), noise_multiplier, dtype=torch.float64)
+
+
+def class_targets(released: torch.Tensor, releases: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-class mean embeddings from the sum of `releases` releases, and a mask of the
+    classes whose released count is large enough to fit."""
+    counts = released[:, -1] * math.sqrt(2.0) / releases
+    means = released[:, :-1] / released[:, -1:].clamp_min(1e-12)
+    return means.float(), counts >= MIN_CLASS_COUNT
+
+
+def train_mmd_locally(
+    model: MMDGenerator,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    training: TrainingConfig,
+    privacy: PrivacyConfig,
+    noise_multiplier: float,
+    history: list[HistoryEntry],
+    device: torch.device,
+    seed: int,
+    sample_rate: float,
+    kept: dict[str, torch.Tensor] | None = None,
+) -> LocalResult:
+    """One round: release the per-class sums once (accounted), then `training.local_steps`
+    generator steps toward the mean of this client's releases so far."""
+    torch.manual_seed(seed)
+    model.to(device).train()
+    kept = dict(kept or {})
+    sums = embedding_sums(model, images, labels)
+    if privacy.enabled:
+        rng = SecureRandom.from_seed(seed) if privacy.reproducible_noise else SecureRandom()
+        released = release(sums, noise_multiplier, rng)
+        history = [*history, (float(noise_multiplier), float(sample_rate), 1)]
+    else:
+        released = sums
+    total, releases = released, 1
+    if KEPT_SUM in kept and kept[KEPT_SUM].shape == released.shape:
+        total = kept[KEPT_SUM].double() + released
+        releases = int(kept[KEPT_COUNT].item()) + 1
+    targets, fitted = class_targets(total, releases)
+    targets = targets.to(device)
+
+    gen = model.generator
+    optimizer = torch.optim.Adam(
+        gen.parameters(), lr=training.lr_generator, betas=(training.beta1, 0.999)
+    )
+    import_adam(optimizer, "g", kept)
+    per_class = training.mmd_samples_per_class
+    classes = torch.nonzero(fitted).flatten().to(device)
+    losses = []
+    if len(classes):
+        y = classes.repeat_interleave(per_class)
+        for _ in range(training.local_steps):
+            fake = gen(torch.randn(len(y), gen.latent_dim, device=device), y)
+            means = model.embedding(fake).view(len(classes), per_class, -1).mean(dim=1)
+            loss = ((targets[classes] - means) ** 2).sum()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    new_kept = export_adam(optimizer, "g") | {
+        KEPT_SUM: total.float(),
+        KEPT_COUNT: torch.tensor(float(releases)),
+    }
+    metrics = {
+        # A distance to the client's released (noisy) targets: post-processing.
+        "mmd_loss": sum(losses) / len(losses) if losses else float("nan"),
+        "g_steps": float(len(losses)),
+        "fitted_classes": float(len(classes)),
+    }
+    return LocalResult(state, metrics, history, new_kept)
