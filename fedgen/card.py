@@ -609,10 +609,11 @@ def _about(run: Path, src: _Sources) -> dict[str, Any]:
     return {
         "name": run.name,
         "path": str(run),
-        "model": {"gan": "class-conditional GAN", "vqvae": "VQ-VAE with a code prior",
-                  "mmd": "class-conditional generator fitted to a private mean embedding"}.get(
-            cfg.model.type, cfg.model.type
-        ),
+        "model": {
+            "gan": "class-conditional GAN",
+            "vqvae": "VQ-VAE with a code prior",
+            "mmd": "class-conditional generator fitted to a private mean embedding",
+        }.get(cfg.model.type, cfg.model.type),
         "dataset": cfg.data.dataset,
         "federation": f"{plural(fed.num_clients, 'client')}, {fed.partition} split"
         + (f" (Dirichlet α {fed.dirichlet_alpha:g})" if fed.partition == "dirichlet" else "")

@@ -54,8 +54,13 @@ def _simulate(args: argparse.Namespace) -> int:
         + (f", {sampled} sampled per round" if sampled < len(sizes) else "")
         + f"; {plural(cfg.total_rounds, 'round')}"
         + (f" ({fed.prior_rounds} of them the prior's)" if fed.prior_rounds else "")
-        + f", {plural(cfg.planned_steps, 'DP step')} planned per client "
-        f"({cfg.training.local_steps} per round"
+        + (
+            f", {plural(cfg.planned_steps, 'release')} planned per client (1 per round, then "
+            f"{cfg.training.local_steps} generator steps that read no data"
+            if cfg.model.type == "mmd"
+            else f", {plural(cfg.planned_steps, 'DP step')} planned per client "
+            f"({cfg.training.local_steps} per round"
+        )
         + (
             f", {cfg.local_steps_for('prior')} per prior round)"
             if fed.prior_rounds and cfg.local_steps_for("prior") != cfg.training.local_steps

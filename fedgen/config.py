@@ -350,8 +350,8 @@ class TrainingConfig(_Section):
         0.99,
         ge=0.0,
         lt=1.0,
-        description="GAN: decay of an exponential moving average of the generator's weights "
-        "over its local steps; the client sends the average instead of the last weights. "
+        description="GAN and `mmd`: decay of an exponential moving average of the generator's "
+        "weights over its local steps; the client sends the average instead of the last weights. "
         "Post-processing of DP outputs: no privacy cost. 0: off.",
     )
     keep_optimizer_state: bool = Field(

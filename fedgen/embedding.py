@@ -31,7 +31,7 @@ from fedgen.config import PrivacyConfig, TrainingConfig
 from fedgen.models import MMDGenerator
 from fedgen.privacy import HistoryEntry
 from fedgen.secure_random import SecureRandom
-from fedgen.training import LocalResult, export_adam, import_adam
+from fedgen.training import GeneratorEMA, LocalResult, export_adam, import_adam
 
 __all__ = ["embedding_sums", "release", "class_targets", "train_mmd_locally"]
 
@@ -44,9 +44,7 @@ _CHUNK = 500
 
 
 @torch.no_grad()
-def embedding_sums(
-    model: MMDGenerator, images: torch.Tensor, labels: torch.Tensor
-) -> torch.Tensor:
+def embedding_sums(model: MMDGenerator, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """(classes, dim + 1): per class, the sum of its examples' unit vectors
     [phi(x), 1] / sqrt(2). Un-noised: it never leaves this module except through
     `release`."""
@@ -118,6 +116,7 @@ def train_mmd_locally(
     per_class = training.mmd_samples_per_class
     classes = torch.nonzero(fitted).flatten().to(device)
     losses = []
+    ema = GeneratorEMA(gen, training.generator_ema) if training.generator_ema > 0 else None
     if len(classes):
         y = classes.repeat_interleave(per_class)
         for _ in range(training.local_steps):
@@ -128,6 +127,10 @@ def train_mmd_locally(
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
+            if ema is not None:
+                ema.update(gen)
+    if ema is not None:
+        ema.copy_to(gen)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     new_kept = export_adam(optimizer, "g") | {
         KEPT_SUM: total.float(),

@@ -286,7 +286,8 @@ class PrivacyLedger:
             if not p.reproducible_noise
             else "SEEDED FROM THE CONFIG (privacy.reproducible_noise): the server can replay it",
             "rounds_planned": self.cfg.total_rounds,
-            "local_steps_per_round": self.cfg.training.local_steps,
+            # DP steps (for `mmd`, releases) per round of the first stage.
+            "local_steps_per_round": self.cfg.local_steps_for(self.cfg.stage(1)),
             "planned_steps": self.cfg.planned_steps,
             "rounds": self.rounds,
             "clients": dict(sorted(self.clients.items(), key=lambda kv: client_sort_key(kv[0]))),

@@ -55,7 +55,9 @@ def test_every_example_contributes_a_vector_of_norm_one():
     # Far from the data too: the bound holds for any input, not only for images like ours.
     noise = torch.rand(4, 1, 28, 28) * 2 - 1
     rows = _unit_rows(model, noise, torch.tensor([0, 3, 3, 9]))
-    assert torch.allclose(rows.flatten(1).norm(dim=1), torch.ones(4, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(
+        rows.flatten(1).norm(dim=1), torch.ones(4, dtype=torch.float64), atol=1e-12
+    )
 
 
 def test_one_example_moves_the_sums_by_the_sensitivity_the_accountant_assumes():
@@ -188,3 +190,7 @@ def test_simulate_runs_the_mmd_model_end_to_end_and_its_report_recomputes(tmp_pa
     assert [x["round"] for x in lines] == [1, 2]
     assert (out / "samples" / "round_002.png").is_file()
     assert 0 <= lines[-1]["eval"]["label_consistency"] <= 1
+    # Every check of `fedgen verify` holds for this family too (report, ledgers, chains).
+    verify = subprocess.run([sys.executable, "-m", "fedgen.cli", "verify", str(out)],
+                            capture_output=True, text=True, timeout=300, cwd=REPO)  # fmt: skip
+    assert verify.returncode == 0 and "verdict: PASS" in verify.stdout, verify.stdout[-2000:]
