@@ -68,12 +68,25 @@ def release(sums: torch.Tensor, noise_multiplier: float, rng: SecureRandom) -> t
     return sums + rng.gaussian(tuple(sums.shape), noise_multiplier, dtype=torch.float64)
 
 
-def class_targets(released: torch.Tensor, releases: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-class mean embeddings from the sum of `releases` releases, and a mask of the
-    classes whose released count is large enough to fit."""
+def class_targets(
+    released: torch.Tensor, releases: int = 1
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-class mean embeddings from the sum of `releases` releases, a mask of the
+    classes whose released count is large enough to fit, and each class's weight in the
+    fit: its released share of the fitted examples, times the number of fitted classes
+    (1 for every class of a balanced client).
+
+    Why weigh by count: FedAvg weighs each client by its size, so the federation then
+    minimises sum over clients and classes of n_kc |mu_kc - mean phi(G(., c))|^2, whose
+    optimum is the pooled mean embedding of each class over all clients' data. Unweighted,
+    a client with 3 examples of a class would pull on it as hard as one with 3,000, with
+    a thousand times the noise (a skewed, non-IID split)."""
     counts = released[:, -1] * math.sqrt(2.0) / releases
     means = released[:, :-1] / released[:, -1:].clamp_min(1e-12)
-    return means.float(), counts >= MIN_CLASS_COUNT
+    fitted = counts >= MIN_CLASS_COUNT
+    kept = torch.where(fitted, counts, torch.zeros_like(counts))
+    weights = kept * int(fitted.sum()) / kept.sum().clamp_min(1e-12)
+    return means.float(), fitted, weights.float()
 
 
 def train_mmd_locally(
@@ -105,8 +118,8 @@ def train_mmd_locally(
     if KEPT_SUM in kept and kept[KEPT_SUM].shape == released.shape:
         total = kept[KEPT_SUM].double() + released
         releases = int(kept[KEPT_COUNT].item()) + 1
-    targets, fitted = class_targets(total, releases)
-    targets = targets.to(device)
+    targets, fitted, weights = class_targets(total, releases)
+    targets, weights = targets.to(device), weights.to(device)
 
     gen = model.generator
     optimizer = torch.optim.Adam(
@@ -122,7 +135,8 @@ def train_mmd_locally(
         for _ in range(training.local_steps):
             fake = gen(torch.randn(len(y), gen.latent_dim, device=device), y)
             means = model.embedding(fake).view(len(classes), per_class, -1).mean(dim=1)
-            loss = ((targets[classes] - means) ** 2).sum()
+            gaps = ((targets[classes] - means) ** 2).sum(dim=1)
+            loss = (weights[classes] * gaps).sum()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -89,13 +89,18 @@ def test_targets_are_class_means_and_classes_with_too_few_examples_are_left_out(
     labels = labels.clone()
     labels[labels == 7] = 6  # class 7 now has no example
     sums = embedding.embedding_sums(model, images, labels)
-    means, fitted = embedding.class_targets(sums)
+    means, fitted, weights = embedding.class_targets(sums)
     phi = model.embedding(images)
     assert torch.allclose(means[2], phi[labels == 2].mean(dim=0), atol=1e-5)
     assert not fitted[7] and fitted[6] and fitted[2]
-    # Two identical releases summed give the same means and counts as one.
-    twice_means, twice_fitted = embedding.class_targets(2 * sums, releases=2)
+    # Weights: each fitted class's share of the examples, times the classes fitted (9).
+    counts = torch.bincount(labels, minlength=10).float()
+    assert weights[7] == 0 and float(weights.sum()) == pytest.approx(9.0)
+    assert float(weights[6] / weights[2]) == pytest.approx(float(counts[6] / counts[2]))
+    # Two identical releases summed give the same means, mask and weights as one.
+    twice_means, twice_fitted, twice_weights = embedding.class_targets(2 * sums, releases=2)
     assert torch.allclose(twice_means, means) and torch.equal(twice_fitted, fitted)
+    assert torch.allclose(twice_weights, weights)
 
 
 def test_the_generator_reads_private_data_only_through_the_release(monkeypatch):
@@ -194,3 +199,14 @@ def test_simulate_runs_the_mmd_model_end_to_end_and_its_report_recomputes(tmp_pa
     verify = subprocess.run([sys.executable, "-m", "fedgen.cli", "verify", str(out)],
                             capture_output=True, text=True, timeout=300, cwd=REPO)  # fmt: skip
     assert verify.returncode == 0 and "verdict: PASS" in verify.stdout, verify.stdout[-2000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_round_on_cuda_releases_on_the_cpu_and_fits_on_the_gpu():
+    cfg = _cfg("device=cuda")
+    data = client_partition(cfg, 0, cfg.federation.num_clients)
+    plan = plan_privacy(cfg, len(data))
+    result, after = client_round(cfg, build_model(cfg.model, seed=0).state_dict(), data, plan, 1)
+    assert after.history == [(plan.noise_multiplier, 1.0, 1)]
+    assert all(v.device.type == "cpu" for v in result.state_dict.values())
+    assert math.isfinite(result.metrics["mmd_loss"])
