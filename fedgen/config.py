@@ -257,9 +257,10 @@ class ModelConfig(_Section):
         12.0,
         gt=0.0,
         description="`mmd` only: the Gaussian kernel's length scale on the embedding's "
-        "input (wavelet features and pixels in [0, 1] of a 28x28 image). A fixed public "
-        "constant, never measured on a client's data: the median distance between images "
-        "is 11-13 for both MNIST and the glyphs.",
+        "input (wavelet features and pixels in [0, 1] of a 28x28 image). A fixed constant "
+        "of the config, public like every setting; clients never compute it from their "
+        "data. It was chosen once from the median distance between training images, 11-13 "
+        "for both MNIST and the glyphs.",
     )
     embedding_seed: int = Field(
         0, ge=0, description="`mmd` only: seed of the random frequencies (public)."
@@ -356,7 +357,7 @@ class TrainingConfig(_Section):
     )
     keep_optimizer_state: bool = Field(
         False,
-        description="GAN: each client keeps its Adam state (built from noised or "
+        description="GAN and `mmd`: each client keeps its Adam state (built from noised or "
         "post-processing gradients only) from one round to the next instead of restarting "
         "it; the state never leaves the client.",
     )
@@ -468,6 +469,16 @@ class FedgenConfig(_Section):
             raise ValueError(
                 f"federation.prior_rounds={fed.prior_rounds} applies to model.type=vqvae only; "
                 f"set it to 0 for model.type={model.type}"
+            )
+        if model.type == "mmd" and fed.strategy == "fedprox":
+            raise ValueError(
+                "federation.strategy=fedprox has no proximal term for model.type=mmd (its "
+                "generator steps fit a released target, not the data); use fedavg"
+            )
+        if model.type == "mmd" and self.privacy.canaries:
+            raise ValueError(
+                f"privacy.canaries={self.privacy.canaries} needs `fedgen audit`, which does "
+                "not support model.type=mmd yet; set it to 0"
             )
         if model.type == "gan" and tr.d_steps_per_g_step > tr.local_steps:
             raise ValueError(

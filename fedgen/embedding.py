@@ -5,11 +5,17 @@ Why this is private (sample level, per client):
 - The only computation that reads private data is the per-class sum of embeddings,
   `sum_i e(x_i, y_i)`, where each example contributes one vector of norm exactly 1: its
   features `phi(x_i)` (norm 1, `fedgen.models.MeanEmbedding`) and a count, both scaled by
-  1/sqrt(2), in the row of its class. Adding, removing or replacing one example moves the
-  sum by at most 1 (add/remove) or by the difference of two unit vectors (replace-one):
-  DP-SGD's sensitivity with a clip norm of 1, so one release is one step of the Gaussian
-  mechanism with sample rate 1, accounted by the same accountant as `(sigma, 1.0, 1)`.
-- The noise, N(0, sigma^2) on every entry, comes from the client's ChaCha20 stream.
+  1/sqrt(2), in the row of its class. Adding or removing one example moves the sum by
+  one unit vector: DP-SGD's case with a clip norm of 1, so one release with noise
+  N(0, sigma^2) on every entry is one step of the Gaussian mechanism at sample rate 1,
+  accounted by the same accountant as `(sigma, 1.0, 1)`.
+- Replacing one example moves the sum by at most sqrt(2), not the 2 that dp-accounting's
+  replace-one relation assumes of two unit vectors: within a class the count entries
+  cancel (|phi(x) - phi(x')| / sqrt(2) <= sqrt(2)), and rows of different classes are
+  orthogonal (sqrt(1 + 1)). Under replace-one the release therefore adds noise of std
+  sigma / sqrt(2): the sum scaled by sqrt(2) moves by at most 2 and gets noise sigma,
+  exactly the mechanism `(sigma, 1.0, 1)` accounts for (`release_std`).
+- The noise comes from the client's ChaCha20 stream.
 - Everything after the release is post-processing: the per-class targets (noisy sums over
   noisy counts), the generator's steps (they read generated images and the targets only),
   the running mean of the client's releases kept from round to round, and the loss the
@@ -33,7 +39,7 @@ from fedgen.privacy import HistoryEntry
 from fedgen.secure_random import SecureRandom
 from fedgen.training import GeneratorEMA, LocalResult, export_adam, import_adam
 
-__all__ = ["embedding_sums", "release", "class_targets", "train_mmd_locally"]
+__all__ = ["embedding_sums", "release_std", "release", "class_targets", "train_mmd_locally"]
 
 KEPT_SUM = "release.sum"
 KEPT_COUNT = "release.count"
@@ -63,9 +69,18 @@ def embedding_sums(model: MMDGenerator, images: torch.Tensor, labels: torch.Tens
     return sums
 
 
-def release(sums: torch.Tensor, noise_multiplier: float, rng: SecureRandom) -> torch.Tensor:
-    """The Gaussian mechanism on the sums (sensitivity 1, as above)."""
-    return sums + rng.gaussian(tuple(sums.shape), noise_multiplier, dtype=torch.float64)
+def release_std(noise_multiplier: float, neighboring: str) -> float:
+    """The noise std that the accountant's `(noise_multiplier, 1.0, 1)` covers for these
+    sums: the multiplier itself under add/remove (a move of 1), over sqrt(2) under
+    replace-one (a move of sqrt(2) where the relation assumes 2; see above)."""
+    if neighboring == "replace_one":
+        return noise_multiplier / math.sqrt(2.0)
+    return noise_multiplier
+
+
+def release(sums: torch.Tensor, std: float, rng: SecureRandom) -> torch.Tensor:
+    """The Gaussian mechanism on the sums: N(0, std^2) on every entry."""
+    return sums + rng.gaussian(tuple(sums.shape), std, dtype=torch.float64)
 
 
 def class_targets(
@@ -73,8 +88,8 @@ def class_targets(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-class mean embeddings from the sum of `releases` releases, a mask of the
     classes whose released count is large enough to fit, and each class's weight in the
-    fit: its released share of the fitted examples, times the number of fitted classes
-    (1 for every class of a balanced client).
+    fit: its released share of the fitted examples, times the number of classes (1 for
+    every class of a balanced client).
 
     Why weigh by count: FedAvg weighs each client by its size, so the federation then
     minimises sum over clients and classes of n_kc |mu_kc - mean phi(G(., c))|^2, whose
@@ -85,7 +100,7 @@ def class_targets(
     means = released[:, :-1] / released[:, -1:].clamp_min(1e-12)
     fitted = counts >= MIN_CLASS_COUNT
     kept = torch.where(fitted, counts, torch.zeros_like(counts))
-    weights = kept * int(fitted.sum()) / kept.sum().clamp_min(1e-12)
+    weights = kept * len(counts) / kept.sum().clamp_min(1e-12)
     return means.float(), fitted, weights.float()
 
 
@@ -110,7 +125,7 @@ def train_mmd_locally(
     sums = embedding_sums(model, images, labels)
     if privacy.enabled:
         rng = SecureRandom.from_seed(seed) if privacy.reproducible_noise else SecureRandom()
-        released = release(sums, noise_multiplier, rng)
+        released = release(sums, release_std(noise_multiplier, privacy.neighboring), rng)
         history = [*history, (float(noise_multiplier), float(sample_rate), 1)]
     else:
         released = sums
@@ -125,7 +140,8 @@ def train_mmd_locally(
     optimizer = torch.optim.Adam(
         gen.parameters(), lr=training.lr_generator, betas=(training.beta1, 0.999)
     )
-    import_adam(optimizer, "g", kept)
+    if training.keep_optimizer_state:
+        import_adam(optimizer, "g", kept)
     per_class = training.mmd_samples_per_class
     classes = torch.nonzero(fitted).flatten().to(device)
     losses = []
@@ -146,14 +162,12 @@ def train_mmd_locally(
     if ema is not None:
         ema.copy_to(gen)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    new_kept = export_adam(optimizer, "g") | {
+    adam = export_adam(optimizer, "g") if training.keep_optimizer_state else {}
+    new_kept = adam | {
         KEPT_SUM: total.float(),
         KEPT_COUNT: torch.tensor(float(releases)),
     }
-    metrics = {
-        # A distance to the client's released (noisy) targets: post-processing.
-        "mmd_loss": sum(losses) / len(losses) if losses else float("nan"),
-        "g_steps": float(len(losses)),
-        "fitted_classes": float(len(classes)),
-    }
+    metrics = {"g_steps": float(len(losses)), "fitted_classes": float(len(classes))}
+    if losses:  # a distance to the client's released (noisy) targets: post-processing
+        metrics["mmd_loss"] = sum(losses) / len(losses)
     return LocalResult(state, metrics, history, new_kept)

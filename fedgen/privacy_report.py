@@ -27,9 +27,10 @@ MECHANISMS = {
     "gan": "DP-SGD (Opacus per-example clipping, Gaussian noise from a ChaCha20 stream) on "
     "the discriminator's real-image gradient, Poisson sampling",
     "mmd": "the Gaussian mechanism on the client's per-class sums of unit-norm kernel "
-    "features (sensitivity 1, noise from a ChaCha20 stream), released once per round and "
-    "accounted as one step at sample rate 1; the generator fits the releases "
-    "(post-processing)",
+    "features (one example moves them by 1 under add/remove, by at most sqrt(2) under "
+    "replace-one, where the noise std is sigma / sqrt(2) so the accounted step covers it; "
+    "noise from a ChaCha20 stream), released once per round and accounted as one step at "
+    "sample rate 1; the generator fits the releases (post-processing)",
     "vqvae": "DP-SGD (Opacus per-example clipping, Gaussian noise from a ChaCha20 stream) on "
     "every VQ-VAE parameter (codebook included), then on the code prior trained on the "
     "client's own codes; both stages in one accountant history, Poisson sampling",
@@ -272,7 +273,8 @@ class PrivacyLedger:
             "delta": p.delta,
             "target_epsilon": p.target_epsilon if p.enabled else None,
             "max_epsilon": self.max_epsilon if p.enabled else None,
-            "max_grad_norm": p.max_grad_norm,
+            # `mmd`: each example's contribution has norm 1 (its clip, in effect).
+            "max_grad_norm": 1.0 if self.cfg.model.type == "mmd" else p.max_grad_norm,
             "guarantee": (
                 f"sample-level (epsilon, delta)-DP per client under {p.neighboring} "
                 "neighbouring, for each client's own examples, cumulative over all rounds it "
@@ -438,8 +440,13 @@ def privacy_markdown(report: dict[str, Any]) -> str:
             "every round the client trained in.",
             "",
             f"- **Neighbouring relation**: {report['relation']}.",
-            f"- **Mechanism**: {report['mechanism']}; per-example clipping bound "
-            f"`{report['max_grad_norm']:g}`.",
+            f"- **Mechanism**: {report['mechanism']}; per-example "
+            + (
+                "contribution norm"
+                if report["mechanism"] == MECHANISMS["mmd"]
+                else "clipping bound"
+            )
+            + f" `{report['max_grad_norm']:g}`.",
             f"- **Noise source**: {report['noise_source']}.",
             f"- **Accountant**: `{report['accountant']}` from {report['accountant_library']}"
             + (

@@ -67,12 +67,17 @@ def test_one_example_moves_the_sums_by_the_sensitivity_the_accountant_assumes():
     full = embedding.embedding_sums(model, images, labels)
     removed = embedding.embedding_sums(model, images[1:], labels[1:])
     assert float((full - removed).norm()) == pytest.approx(1.0, abs=1e-12)  # add/remove: 1
-    swapped_images = images.clone()
-    swapped_images[0] = -swapped_images[0]
-    swapped_labels = labels.clone()
-    swapped_labels[0] = (labels[0] + 1) % 10
-    replaced = embedding.embedding_sums(model, swapped_images, swapped_labels)
-    assert float((full - replaced).norm()) <= 2.0 + 1e-12  # replace-one: two unit vectors
+    # Replace-one: sqrt(2), not the 2 of two arbitrary unit vectors. Another class: two
+    # orthogonal rows; the same class: the counts cancel.
+    other_class = labels.clone()
+    other_class[0] = (labels[0] + 1) % 10
+    moved = embedding.embedding_sums(model, images, other_class)
+    assert float((full - moved).norm()) == pytest.approx(math.sqrt(2), abs=1e-12)
+    for image in (-images[0], torch.rand(1, 28, 28) * 2 - 1, torch.full((1, 28, 28), 1.0)):
+        same_class = images.clone()
+        same_class[0] = image
+        moved = embedding.embedding_sums(model, same_class, labels)
+        assert 0 < float((full - moved).norm()) <= math.sqrt(2) + 1e-12
 
 
 def test_the_release_adds_gaussian_noise_of_the_planned_scale():
@@ -80,6 +85,34 @@ def test_the_release_adds_gaussian_noise_of_the_planned_scale():
     noisy = embedding.release(sums, 2.5, SecureRandom.from_seed(1))
     assert float(noisy.std()) == pytest.approx(2.5, rel=0.03)
     assert float(noisy.mean()) == pytest.approx(0.0, abs=0.05)
+    # What the accounted step covers: a move of 1 at std sigma (add/remove); a move of
+    # sqrt(2) at std sigma / sqrt(2), the same ratio (replace-one, which assumes 2).
+    assert embedding.release_std(3.0, "add_remove") == 3.0
+    assert embedding.release_std(3.0, "replace_one") == pytest.approx(3.0 / math.sqrt(2))
+
+
+@pytest.mark.parametrize("neighboring", ["replace_one", "add_remove"])
+def test_a_round_draws_its_noise_at_the_planned_std_from_the_secure_stream(
+    monkeypatch, neighboring
+):
+    extra = ["privacy.accountant=pld", f"privacy.neighboring={neighboring}"]
+    if neighboring == "add_remove":
+        extra.append("privacy.public_num_examples=10")
+    cfg = _cfg(*extra)
+    data = client_partition(cfg, 0, cfg.federation.num_clients)
+    plan = plan_privacy(cfg, len(data))
+    seen = []
+    real = embedding.release
+
+    def release(sums, std, rng):
+        seen.append((std, type(rng), rng is not None))
+        return real(sums, std, rng)
+
+    monkeypatch.setattr(embedding, "release", release)
+    result, after = client_round(cfg, build_model(cfg.model, seed=0).state_dict(), data, plan, 1)
+    assert seen == [(embedding.release_std(plan.noise_multiplier, neighboring), SecureRandom, True)]
+    assert after.history == [(plan.noise_multiplier, 1.0, 1)] and plan.sample_rate == 1.0
+    assert result.metrics["epsilon"] <= cfg.privacy.target_epsilon
 
 
 def test_targets_are_class_means_and_classes_with_too_few_examples_are_left_out():
@@ -93,9 +126,9 @@ def test_targets_are_class_means_and_classes_with_too_few_examples_are_left_out(
     phi = model.embedding(images)
     assert torch.allclose(means[2], phi[labels == 2].mean(dim=0), atol=1e-5)
     assert not fitted[7] and fitted[6] and fitted[2]
-    # Weights: each fitted class's share of the examples, times the classes fitted (9).
+    # Weights: each fitted class's share of the examples, times the classes (10).
     counts = torch.bincount(labels, minlength=10).float()
-    assert weights[7] == 0 and float(weights.sum()) == pytest.approx(9.0)
+    assert weights[7] == 0 and float(weights.sum()) == pytest.approx(10.0)
     assert float(weights[6] / weights[2]) == pytest.approx(float(counts[6] / counts[2]))
     # Two identical releases summed give the same means, mask and weights as one.
     twice_means, twice_fitted, twice_weights = embedding.class_targets(2 * sums, releases=2)
@@ -156,22 +189,27 @@ def test_k_releases_compose_like_one_at_noise_over_root_k():
     assert many == pytest.approx(once, rel=0.01)
 
 
-def test_the_mmd_fit_draws_the_classes_after_a_hundred_and_fifty_steps():
+def test_the_mmd_fit_draws_the_classes_after_a_hundred_and_fifty_steps(tmp_path):
     """Quality regression, bounded by steps: one client's glyphs, noise planned for
     epsilon 10 over 5 rounds (one release of the five), 150 steps of a narrow generator;
     the glyph classifier must recognise the generated class at twice chance (0.10) or
-    more. Measured 0.336 (0.584 after 300 steps at full width; 2026-11-24, seeded noise);
+    more. Measured 0.338 (0.584 after 300 steps at full width; 2026-11-24, seeded noise);
     fails if the fit stops learning."""
     from fedgen.evaluation import Evaluator
 
     cfg = load_config(None, ["model.type=mmd", "training.local_steps=150", "device=cpu",
-                             "model.generator_channels=16",
-                             "evaluation.samples=500", "privacy.reproducible_noise=true"])  # fmt: skip
+                             "model.generator_channels=16", "evaluation.samples=500",
+                             "privacy.reproducible_noise=true",
+                             f"evaluation.cache_dir={tmp_path}"])  # fmt: skip
     data = client_partition(cfg, 0, cfg.federation.num_clients)
     plan = plan_privacy(cfg, len(data))
-    torch.set_num_threads(1)
     start = build_model(cfg.model, seed=0).state_dict()
-    result, _ = client_round(cfg, start, data, plan, seed=3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread: the same arithmetic on every machine
+    try:
+        result, _ = client_round(cfg, start, data, plan, seed=3)
+    finally:
+        torch.set_num_threads(threads)
     model = build_model(cfg.model)
     model.load_state_dict(result.state_dict)
     quality = Evaluator(cfg, log=None).quality(model, downstream=False)
@@ -197,6 +235,12 @@ def test_simulate_runs_the_mmd_model_end_to_end_and_its_report_recomputes(tmp_pa
     assert [x["round"] for x in lines] == [1, 2]
     assert (out / "samples" / "round_002.png").is_file()
     assert 0 <= lines[-1]["eval"]["label_consistency"] <= 1
+    # The device kept the running sum of its two releases (never sent).
+    from safetensors.torch import load_file
+
+    for kept in (out / "client-ledgers").glob("*.optimizer.safetensors"):
+        assert float(load_file(kept)[embedding.KEPT_COUNT]) == 2.0
+    assert len(list((out / "client-ledgers").glob("*.optimizer.safetensors"))) == 3
     # Every check of `fedgen verify` holds for this family too (report, ledgers, chains).
     verify = subprocess.run([sys.executable, "-m", "fedgen.cli", "verify", str(out)],
                             capture_output=True, text=True, timeout=300, cwd=REPO)  # fmt: skip
