@@ -189,6 +189,58 @@ def test_k_releases_compose_like_one_at_noise_over_root_k():
     assert many == pytest.approx(once, rel=0.01)
 
 
+def test_the_fit_loss_is_the_unbiased_estimate_of_the_squared_distance():
+    """The loss per class is the pairs-only estimate; averaged over many draws it meets
+    |E phi - target|^2, where the plain |mean phi - target|^2 stays (1 - |E phi|^2) / n
+    above it (a pull toward too little variety)."""
+    gen = torch.Generator().manual_seed(0)
+    phi = torch.nn.functional.normalize(torch.randn(3, 10, 20, generator=gen), dim=2)
+    target = 0.1 * torch.randn(3, 20, generator=gen)
+    for c in range(3):
+        pairs = sum(phi[c, i] @ phi[c, j] for i in range(10) for j in range(10) if i != j)
+        expected = pairs / 90 - 2 * phi[c].mean(0) @ target[c] + target[c] @ target[c]
+        got = embedding.mmd_estimate(phi, target)[c]
+        assert got.item() == pytest.approx(expected.item(), abs=1e-5)
+    # A distribution over four unit vectors, n = 3 draws per estimate, 40,000 estimates.
+    support = torch.nn.functional.normalize(torch.randn(4, 5, generator=gen), dim=1)
+    target = torch.zeros(5)
+    exact = (support.mean(0) - target).pow(2).sum().item()
+    draws = support[torch.randint(0, 4, (40_000, 3), generator=gen)]
+    unbiased = embedding.mmd_estimate(draws, target.expand(40_000, 5)).mean().item()
+    biased = (draws.mean(1) - target).pow(2).sum(1).mean().item()
+    assert unbiased == pytest.approx(exact, abs=0.01)
+    assert biased - exact == pytest.approx((1 - exact) / 3, abs=0.01)
+    assert (1 - exact) / 3 > 0.1  # the bias the fit no longer has is far from the tolerance
+
+
+def test_the_embedding_is_a_mixture_of_a_wavelet_kernel_and_a_joint_kernel():
+    """phi(x).phi(y) ~ (1 - s) exp(-|f - f'|^2 / 2 b^2) + s exp(-|w - w'|^2 / 2 bw^2),
+    f the wavelets and pixels, w the wavelets alone: the share s of frequencies that read
+    the wavelets alone ignores the pixels."""
+    from fedgen.models import MeanEmbedding
+
+    share, bandwidth, wavelet_bandwidth = 0.7, 12.0, 6.0
+    embed = MeanEmbedding(20_000, bandwidth, 0, share, wavelet_bandwidth)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(1, 1, 28, 28, generator=gen) * 2 - 1
+    blank = -torch.ones(1, 1, 28, 28)
+    # Far enough apart that the two kernels differ by 0.05 to 0.15 (near 1 they agree).
+    for fade in (0.6, 1.0):
+        y = (1 - fade) * x + fade * blank
+        w = embed.scatter(torch.cat([x, y])).flatten(1)
+        f = torch.cat([w, ((torch.cat([x, y]) + 1) / 2).flatten(1)], dim=1)
+        joint = math.exp(-(f[0] - f[1]).pow(2).sum().item() / (2 * bandwidth**2))
+        alone = math.exp(-(w[0] - w[1]).pow(2).sum().item() / (2 * wavelet_bandwidth**2))
+        phi = embed(torch.cat([x, y]))
+        assert (phi[0] @ phi[1]).item() == pytest.approx(
+            (1 - share) * joint + share * alone, abs=0.02
+        )
+        assert abs(joint - alone) > 0.05
+    # The wavelet-only frequencies give no weight to the pixels.
+    wavelets = embed.scatter.out_channels * 49
+    assert embed.omega[wavelets:, -round(share * 20_000) :].abs().sum() == 0
+
+
 def test_the_mmd_fit_draws_the_classes_after_a_hundred_and_fifty_steps(tmp_path):
     """Quality regression, bounded by steps: one client's glyphs, noise planned for
     epsilon 10 over 5 rounds (one release of the five), 150 steps of a narrow generator;

@@ -17,6 +17,30 @@ def test_the_features_have_nothing_to_train(stride):
     assert out.shape == (3, features.out_channels, 7, 7)
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_the_differentiable_path_computes_the_same_features(stride):
+    """A generated image (requires grad) takes the unfolded-patch path, a real one the
+    convolution: the same features either way, and gradients that match autograd's through
+    the convolution."""
+    features = ScatterFeatures(stride=stride)
+    x = torch.rand(4, 1, 28, 28) * 2 - 1
+    through_patches = x.clone().requires_grad_(True)
+    out = features(through_patches)
+    assert torch.allclose(out, features(x), atol=1e-5)
+    out.square().sum().backward()
+    through_conv = x.clone().requires_grad_(True)
+    pixels = (through_conv + 1) / 2
+    response = torch.nn.functional.conv2d(
+        pixels, features.bank, padding=features.padding, stride=stride
+    )
+    re, im = response[:, 0::2], response[:, 1::2]
+    modulus = torch.sqrt(re * re + im * im + 1e-8)
+    pooled = torch.nn.functional.avg_pool2d(modulus, 4 // stride)
+    reference = torch.cat([torch.nn.functional.avg_pool2d(pixels, 4), 4 * pooled], dim=1)
+    reference.square().sum().backward()
+    assert torch.allclose(through_patches.grad, through_conv.grad, atol=1e-4)
+
+
 def test_the_strided_features_are_close_to_the_full_ones():
     """Stride 2 samples a smooth modulus every other pixel: the features move a little,
     not a lot (measured: about 10% of their mean size on random images)."""
