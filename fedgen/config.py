@@ -195,15 +195,21 @@ class FederationConfig(_Section):
 
 class ModelConfig(_Section):
     type: Literal["gan", "vqvae", "mmd"] = Field(
-        "gan",
-        description="Model family: class-conditional GAN, VQ-VAE with a code prior, or `mmd`: "
-        "a class-conditional generator fitted to each client's privately released per-class "
-        "mean embedding (a kernel mean of fixed random features, as in DP-MERF; the "
-        "Gaussian release is the only step that reads data).",
+        "mmd",
+        description="Model family: `mmd` (the quickstart's), a class-conditional generator "
+        "fitted to each client's privately released per-class mean embedding (a kernel mean "
+        "of fixed random features, as in DP-MERF; the Gaussian release is the only step that "
+        "reads data); `gan`, a class-conditional GAN whose discriminator trains with "
+        "DP-SGD; or `vqvae`, a VQ-VAE with a code prior. Settings left unset take the "
+        "family's own default (`FAMILY_DEFAULTS`).",
     )
     latent_dim: int = Field(64, ge=1, le=4096, description="Generator noise dimension.")
-    generator_channels: int = Field(
-        32, ge=4, le=1024, description="Generator width (channels of its 14x14 layer)."
+    generator_channels: int | None = Field(
+        None,
+        ge=4,
+        le=1024,
+        description="Generator width (channels of its 14x14 layer). Unset: 32 for `gan`, "
+        "16 for `mmd` (the same images there for a quarter of the convolutions' cost).",
     )
     discriminator_channels: int = Field(
         32, ge=4, le=1024, description="Discriminator width (channels of its first layer)."
@@ -303,8 +309,12 @@ class ModelConfig(_Section):
 
 
 class TrainingConfig(_Section):
-    local_steps: int = Field(
-        50, ge=1, description="DP-SGD steps per client per round (GAN: discriminator steps)."
+    local_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Steps per client per round: DP-SGD steps (`gan`: discriminator steps), "
+        "or for `mmd` generator steps after the round's release (they read no data). Unset: "
+        "50 for `gan` and `vqvae`, 150 for `mmd`.",
     )
     prior_local_steps: int | None = Field(
         None, ge=1, description="VQ-VAE: DP-SGD steps per prior round (unset: local_steps)."
@@ -327,7 +337,9 @@ class TrainingConfig(_Section):
         "(same result, less memory). Unset: the whole batch at once.",
     )
     lr_discriminator: float = Field(1e-3, gt=0.0, le=1.0, description="Adam lr of D.")
-    lr_generator: float = Field(5e-4, gt=0.0, le=1.0, description="Adam lr of G.")
+    lr_generator: float | None = Field(
+        None, gt=0.0, le=1.0, description="Adam lr of G. Unset: 5e-4 for `gan`, 4e-3 for `mmd`."
+    )
     beta1: float = Field(0.5, ge=0.0, lt=1.0, description="Adam beta1 of the GAN's networks.")
     mode_seeking_weight: float = Field(
         0.0,
@@ -363,19 +375,20 @@ class TrainingConfig(_Section):
         description="GAN: std of Gaussian noise added to every image the discriminator sees "
         "(real and generated), which smooths its decision (Sonderby et al., 2017). 0: off.",
     )
-    generator_ema: float = Field(
-        0.99,
+    generator_ema: float | None = Field(
+        None,
         ge=0.0,
         lt=1.0,
         description="GAN and `mmd`: decay of an exponential moving average of the generator's "
         "weights over its local steps; the client sends the average instead of the last weights. "
-        "Post-processing of DP outputs: no privacy cost. 0: off.",
+        "Post-processing of DP outputs: no privacy cost. 0: off. Unset: 0.99 for `gan`, 0 "
+        "for `mmd` (measured worse there).",
     )
-    keep_optimizer_state: bool = Field(
-        False,
+    keep_optimizer_state: bool | None = Field(
+        None,
         description="GAN and `mmd`: each client keeps its Adam state (built from noised or "
         "post-processing gradients only) from one round to the next instead of restarting "
-        "it; the state never leaves the client.",
+        "it; the state never leaves the client. Unset: false for `gan`, true for `mmd`.",
     )
     mmd_samples_per_class: int = Field(
         10,
@@ -462,6 +475,27 @@ class PrivacyConfig(_Section):
         return self
 
 
+# Settings whose best value depends on the model family (measured in docs/RESULTS.md):
+# left unset, each takes its family's value. The quickstart is `mmd` with these.
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gan": {
+        "model.generator_channels": 32,
+        "training.local_steps": 50,
+        "training.lr_generator": 5e-4,
+        "training.generator_ema": 0.99,
+        "training.keep_optimizer_state": False,
+    },
+    "mmd": {
+        "model.generator_channels": 16,
+        "training.local_steps": 150,
+        "training.lr_generator": 4e-3,
+        "training.generator_ema": 0.0,
+        "training.keep_optimizer_state": True,
+    },
+}
+FAMILY_DEFAULTS["vqvae"] = FAMILY_DEFAULTS["gan"]
+
+
 class FedgenConfig(_Section):
     seed: int = Field(0, ge=0, description="Seed of partitions, models and sampling.")
     device: Literal["auto", "cpu", "cuda"] = Field(
@@ -478,6 +512,13 @@ class FedgenConfig(_Section):
     @model_validator(mode="after")
     def _cross_checks(self) -> FedgenConfig:
         fed, model, tr = self.federation, self.model, self.training
+        # Resolved here, like prior_rounds below, so the saved config and the clients'
+        # copy hold the numbers and every reader sees a plain value.
+        for key, value in FAMILY_DEFAULTS[model.type].items():
+            section_name, name = key.split(".")
+            section = getattr(self, section_name)
+            if getattr(section, name) is None:
+                setattr(section, name, value)
         if fed.prior_rounds is None:
             # Resolved here, so the saved config and the clients' copy hold the number.
             fed.prior_rounds = -(-fed.rounds // 3) if model.type == "vqvae" else 0

@@ -20,8 +20,8 @@ the clients each round. Per size it prints:
   report        the privacy report's count: clients listed, nodes never taking part,
                 and whether listed + never == clients
 
-The training time is measured inside the ClientApp by timing `train_gan_locally` (a
-wrapper this script adds; the product's messages carry no timings).
+The training time is measured inside the ClientApp by timing `train_gan_locally` and
+`train_mmd_locally` (wrappers this script adds; the product's messages carry no timings).
 
     python simulations/bench_scale.py                      # 10, 100, 1000 clients
     python simulations/bench_scale.py --sizes 1000 --partition shards
@@ -72,13 +72,16 @@ def _timed_client_app():
 
         return wrapper
 
-    timed_training = timed(rounds.train_gan_locally, "seconds")
+    # Local training: the GAN's DP steps, or `mmd`'s release and generator steps.
+    timed_gan = timed(rounds.train_gan_locally, "seconds")
+    timed_mmd = timed(rounds.train_mmd_locally, "seconds")
     # Every accountant computation a client makes goes through `_epsilon`.
     timed_epsilon = timed(privacy._epsilon, "accounting")
 
     @app.train()
     def train(msg, context):
-        rounds.train_gan_locally = timed_training  # in this worker process
+        rounds.train_gan_locally = timed_gan  # in this worker process
+        rounds.train_mmd_locally = timed_mmd
         privacy._epsilon = timed_epsilon
         trained.update(seconds=0.0, accounting=0.0)
         start = time.perf_counter()
@@ -127,6 +130,7 @@ def _scale_config(args: argparse.Namespace):
     return load_config(
         None,
         [
+            "model.type=gan",  # the scale figures are DP-SGD rounds of the GAN
             "data.dataset=mnist",
             f"data.root={args.data_root}",
             f"federation.num_clients={n}",

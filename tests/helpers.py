@@ -10,6 +10,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, RecordDict
 from fedgen.config import FedgenConfig, load_config
 
 SMALL = [
+    "model.type=gan",  # the suite's shared settings are the GAN's; `mmd` tests add their own
     "data.dataset=glyphs",
     "data.glyphs_per_class=30",
     "federation.num_clients=3",

@@ -84,7 +84,7 @@ def test_guesses_take_the_top_and_bottom_scores():
 
 
 def test_canaries_are_seeded_and_fill_their_slots():
-    cfg = load_config(None, ["privacy.canaries=40"])
+    cfg = load_config(None, ["model.type=gan", "privacy.canaries=40"])
     a, b = canary_set(40, 0), canary_set(40, 0)
     assert np.array_equal(a.images, b.images) and np.array_equal(a.included, b.included)
     assert not np.array_equal(a.included, canary_set(40, 1).included)
@@ -112,7 +112,7 @@ def test_canaries_are_seeded_and_fill_their_slots():
 def test_a_device_declines_canaries():
     from fedgen.policy import Decline, DevicePolicy, check_request
 
-    cfg = load_config(None, ["privacy.canaries=10"])
+    cfg = load_config(None, ["model.type=gan", "privacy.canaries=10"])
     with pytest.raises(Decline) as info:
         check_request(DevicePolicy(), cfg, 1000)
     assert info.value.code == "canaries"
@@ -169,6 +169,7 @@ def test_memorisation_does_not_flag_a_generator_of_unseen_images(mnist_sets, emb
 
 MEMBERS, CANARIES, STEPS = 48, 64, 1000
 TINY = [
+    "model.type=gan",
     f"training.local_steps={STEPS}", "training.batch_size=32", "training.d_steps_per_g_step=10",
     "model.discriminator=conv", "model.discriminator_channels=16", "model.generator_channels=16",
     "model.latent_dim=16", "model.groups=4", f"privacy.canaries={CANARIES}",
@@ -289,6 +290,7 @@ def test_canary_lower_bound_stays_below_the_accountants_epsilon_under_dp(private
 # ----------------------------------------------------------------------------- end to end
 
 SIM = [
+    "model.type=gan",
     "data.glyphs_per_class=30", "federation.num_clients=2", "federation.min_train_clients=2",
     "federation.rounds=2", "training.local_steps=4", "training.d_steps_per_g_step=2",
     "training.batch_size=16", "model.generator_channels=16", "model.latent_dim=16",

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedgen.config import ConfigError, config_reference_markdown, load_config
+from fedgen.config import FAMILY_DEFAULTS, ConfigError, config_reference_markdown, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,6 +65,26 @@ def test_resolved_config_round_trips():
     )
     again = type(cfg).model_validate(yaml.safe_load(cfg.to_yaml()))
     assert again == cfg
+
+
+@pytest.mark.parametrize("family", ["mmd", "gan", "vqvae"])
+def test_settings_left_unset_take_the_family_defaults(family):
+    """The quickstart is `mmd`; switching family with one setting brings that family's own
+    measured recipe, and anything set explicitly wins over it."""
+    cfg = load_config(None, [f"model.type={family}"])
+    for key, value in FAMILY_DEFAULTS[family].items():
+        section, name = key.split(".")
+        assert getattr(getattr(cfg, section), name) == value, key
+    chosen = load_config(None, [f"model.type={family}", "training.lr_generator=0.01"])
+    assert chosen.training.lr_generator == 0.01
+    # The saved config holds the numbers, so a later release cannot change a run's recipe.
+    saved = yaml.safe_load(cfg.to_yaml())
+    assert saved["training"]["local_steps"] == FAMILY_DEFAULTS[family]["training.local_steps"]
+
+
+def test_the_quickstart_is_the_mmd_family():
+    cfg = load_config(None)
+    assert cfg.model.type == "mmd" and cfg.data.dataset == "glyphs"
 
 
 def test_missing_file_is_a_clear_error(tmp_path):

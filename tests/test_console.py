@@ -168,7 +168,7 @@ def test_vqvae_trains_a_prior_unless_told_not_to():
     # The resolved number is what the run directory and the clients' copy record.
     assert "prior_rounds: 2" in vq.to_yaml()
     assert load_config(None, ["model.type=vqvae", "federation.prior_rounds=0"]).total_rounds == 5
-    assert load_config(None, []).federation.prior_rounds == 0  # the GAN has no prior
+    assert load_config(None, []).federation.prior_rounds == 0  # the quickstart has no prior
 
 
 # What reaches the console from each kind of output inside a RunConsole: a Python print,

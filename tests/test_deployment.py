@@ -35,6 +35,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 OVERRIDES = [
+    "model.type=gan",
     "data.dataset=glyphs",
     "data.glyphs_per_class=20",
     "federation.min_train_clients=2",

@@ -68,7 +68,7 @@ VALUES = st.one_of(
     st.sampled_from(["", "abc", "iid", "dirichlet", "fedavg", "krum", "rdp", "prv", "null",
                      "true", "[1, 2]", "{a: 1}", "1e-300", "-0"]),
 )  # fmt: skip
-BASE = ["data.dataset=glyphs", "data.glyphs_per_class=12", "device=cpu"]
+BASE = ["model.type=gan", "data.dataset=glyphs", "data.glyphs_per_class=12", "device=cpu"]
 
 
 def _raised_in_fedgen(err: BaseException) -> bool:

@@ -24,6 +24,7 @@ pytestmark = pytest.mark.skipif(
 
 APP = Path(__file__).resolve().parent / "hostile_app"
 OVERRIDES = [
+    "model.type=gan",
     "data.dataset=glyphs",
     "federation.num_clients=2",
     "federation.min_train_clients=2",

@@ -38,7 +38,7 @@ from .helpers import small_config
 
 NODES, SAMPLED, ROUNDS = 40, 4, 2
 TINY = [
-    "data.glyphs_per_class=40", f"federation.num_clients={NODES}",
+    "model.type=gan", "data.glyphs_per_class=40", f"federation.num_clients={NODES}",
     f"federation.fraction_train={SAMPLED / NODES}", f"federation.min_train_clients={SAMPLED}",
     f"federation.rounds={ROUNDS}", "training.local_steps=1", "training.batch_size=8",
     "model.generator_channels=16", "model.discriminator_hidden=16", "device=cpu",

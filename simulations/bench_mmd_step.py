@@ -1,0 +1,102 @@
+"""The `mmd` fit's generator step, two ways side by side: the wavelet features computed by
+a convolution (how `ScatterFeatures` computed them before 2026-11-24, and still does for
+inputs without a gradient) against the unfolded-patch product it now uses for generated
+images. Same generator, same latents, same loss; trials alternate so machine noise hits
+both alike, and the medians are compared.
+
+A step is what `fedgen.embedding.train_mmd_locally` does once: generate
+`--per-class` images of each class, embed them, the unbiased MMD estimate against a
+target, backward, Adam. One thread by default, as a simulated client gets.
+
+    python simulations/bench_mmd_step.py                       # the quickstart's generator
+    python simulations/bench_mmd_step.py --channels 32         # configs/mnist_mmd.yaml's
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from datetime import date
+
+import torch
+import torch.nn.functional as F
+
+from fedgen.config import load_config
+from fedgen.embedding import mmd_estimate
+from fedgen.models import ScatterFeatures, build_model
+
+
+def convolution_features(scatter: ScatterFeatures, images: torch.Tensor) -> torch.Tensor:
+    """The same features through `F.conv2d` (the baseline)."""
+    x = (images + 1) / 2
+    response = F.conv2d(x, scatter.bank, padding=scatter.padding, stride=scatter.stride)
+    re, im = response[:, 0::2], response[:, 1::2]
+    modulus = torch.sqrt(re * re + im * im + 1e-8)
+    pooled = F.avg_pool2d(modulus, 4 // scatter.stride)
+    return torch.cat([F.avg_pool2d(x, 4), 4 * pooled], dim=1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--channels", type=int, default=16, help="model.generator_channels")
+    parser.add_argument("--per-class", type=int, default=10, help="mmd_samples_per_class")
+    parser.add_argument("--trials", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=10, help="steps per trial")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    cfg = load_config(None, [f"model.generator_channels={args.channels}"])
+    model = build_model(cfg.model, seed=0)
+    gen, embed = model.generator, model.embedding
+    optimizer = torch.optim.Adam(gen.parameters(), lr=cfg.training.lr_generator)
+    labels = torch.arange(10).repeat_interleave(args.per_class)
+    target = torch.zeros(10, embed.dim)
+
+    def features(images: torch.Tensor, baseline: bool) -> torch.Tensor:
+        if not baseline:
+            return embed(images)  # the product's path
+        wavelets = convolution_features(embed.scatter, images).flatten(1)
+        h = torch.cat([wavelets, ((images + 1) / 2).flatten(1)], dim=1) @ embed.omega
+        return torch.cat([torch.cos(h), torch.sin(h)], dim=1) / embed.frequencies**0.5
+
+    def step(baseline: bool) -> None:
+        fake = gen(torch.randn(len(labels), gen.latent_dim), labels)
+        phi = features(fake, baseline).view(10, args.per_class, -1)
+        loss = mmd_estimate(phi, target).sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    # The two paths compute the same features (up to float rounding).
+    probe = gen(torch.randn(len(labels), gen.latent_dim), labels)
+    gap = (features(probe, True) - features(probe, False)).abs().max().item()
+
+    seconds: dict[str, list[float]] = {"convolution": [], "unfolded": []}
+    for trial in range(args.trials + 1):
+        for name, baseline in (("convolution", True), ("unfolded", False)):
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                step(baseline)
+            if trial:  # the first trial warms up both
+                seconds[name].append((time.perf_counter() - start) / args.steps)
+    conv = statistics.median(seconds["convolution"])
+    unf = statistics.median(seconds["unfolded"])
+    print(f"generator width {args.channels}, {len(labels)} images per step, "
+          f"{args.threads} thread(s), feature gap {gap:.1e}")  # fmt: skip
+    print(f"  convolution (baseline)  {conv * 1000:7.1f} ms/step")
+    print(f"  unfolded patches        {unf * 1000:7.1f} ms/step   x{conv / unf:.2f} the steps/s")
+    print(json.dumps({
+        "date": date.today().isoformat(), "machine": platform.machine(),
+        "processor": platform.processor(), "torch": torch.__version__,
+        "channels": args.channels, "per_class": args.per_class, "threads": args.threads,
+        "convolution_ms": round(conv * 1000, 2), "unfolded_ms": round(unf * 1000, 2),
+        "speedup": round(conv / unf, 3),
+    }))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
