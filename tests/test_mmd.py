@@ -242,11 +242,12 @@ def test_the_embedding_is_a_mixture_of_a_wavelet_kernel_and_a_joint_kernel():
 
 
 def test_the_mmd_fit_draws_the_classes_after_a_hundred_and_fifty_steps(tmp_path):
-    """Quality regression, bounded by steps: one client's glyphs, noise planned for
-    epsilon 10 over 5 rounds (one release of the five), 150 steps of a narrow generator;
-    the glyph classifier must recognise the generated class at twice chance (0.10) or
-    more. Measured 0.338 (0.584 after 300 steps at full width; 2026-11-24, seeded noise);
-    fails if the fit stops learning."""
+    """Quality regression for the quickstart's recipe, bounded by steps: one client's
+    glyphs, noise planned for epsilon 10 over 5 rounds (one release of the five), 150
+    steps of the default `mmd` fit; the glyph classifier must recognise the generated class
+    at five times chance (0.10) or more. Measured 0.770 with the mixture kernel and the
+    unbiased estimate (0.338 before them; 2026-11-24, seeded noise); fails if the fit stops
+    learning or loses the classes."""
     from fedgen.evaluation import Evaluator
 
     cfg = load_config(None, ["model.type=mmd", "training.local_steps=150", "device=cpu",
@@ -265,7 +266,7 @@ def test_the_mmd_fit_draws_the_classes_after_a_hundred_and_fifty_steps(tmp_path)
     model = build_model(cfg.model)
     model.load_state_dict(result.state_dict)
     quality = Evaluator(cfg, log=None).quality(model, downstream=False)
-    assert quality["label_consistency"] >= 0.2, quality
+    assert quality["label_consistency"] >= 0.5, quality
 
 
 def test_simulate_runs_the_mmd_model_end_to_end_and_its_report_recomputes(tmp_path):
