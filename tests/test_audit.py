@@ -101,6 +101,7 @@ def test_canaries_are_seeded_and_fill_their_slots():
     cfg_ar = load_config(
         None,
         [
+            "model.type=gan",
             "privacy.canaries=40",
             "privacy.neighboring=add_remove",
             "privacy.public_num_examples=100",
