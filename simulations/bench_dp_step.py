@@ -142,13 +142,13 @@ def main() -> None:
     args = ap.parse_args()
 
     device = resolve_device(args.device)
-    cfg = ModelConfig()  # the default sizes of every model
-    if args.set:
-        cfg = load_config(None, args.set).model
+    # The GAN's default sizes (the family defaults fill the generator's width).
+    cfg = load_config(None, ["model.type=gan", *args.set]).model
     batches = _batches(args.model, cfg, args.steps, args.batch_size, device)
     steps = {name: _setup(args.model, name, cfg, args.batch_size, device) for name in VARIANTS}
     if args.baseline:
-        steps["baseline-dp"] = _setup(args.baseline, "dp", ModelConfig(), args.batch_size, device)
+        base = load_config(None, ["model.type=gan"]).model
+        steps["baseline-dp"] = _setup(args.baseline, "dp", base, args.batch_size, device)
     for step in steps.values():  # warm-up: allocator, kernels, hooks
         _trial(step, batches[:3], device)
     rates: dict[str, list[float]] = {name: [] for name in steps}

@@ -1,8 +1,9 @@
 """Probe (issue 13, research only, not a product feature): does matching a per-class mean
 embedding of the real data give the generator the variety the GAN game does not?
 
-The quickstart's generator draws one image per class (downstream accuracy ~0.55 at label
-consistency ~0.99, with or without DP, at 5 or 15 rounds). A per-example discriminator
+The GAN's generator (the quickstart's when this probe was written) draws one image per
+class (downstream accuracy ~0.55 at label consistency ~0.99, with or without DP, at 5 or
+15 rounds). A per-example discriminator
 cannot see that every sample of a class is the same. A kernel mean embedding can (DP-MERF,
 Harder et al., 2021): with random Fourier features phi of fixed wavelet features, the
 distance between the real and the generated mean embedding of a class is an MMD, which
@@ -91,7 +92,7 @@ def main() -> None:
     parser.add_argument("--log", default="runs/probe_quality.jsonl")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    cfg = load_config(None, args.set)
+    cfg = load_config(None, ["model.type=gan", *args.set])  # the GAN on the glyphs
 
     embedding = MeanEmbedding(args.features, cfg.seed, args.bandwidth, args.space)
     targets: dict[int, torch.Tensor] = {}  # id(shard) -> class means

@@ -2,7 +2,10 @@
 authentication, two SuperNodes as separate processes, each with its own data folder, and
 the run submitted with `flwr run`. Nothing is simulated.
 
-One three-round federation serves every test here (it is the slow part):
+The federation trains the default family (`mmd`: a device keeps the running sum of its
+releases between rounds, so a restart and a resume must keep it too; the GAN's client
+code is the same ClientApp, exercised by the simulations). One three-round federation
+serves every test here (it is the slow part):
 - node "alpha" holds a folder of PNGs with one corrupt file, and a max-epsilon that
   allows two of the three rounds;
 - node "beta" holds an .npz file and is stopped after its first round and started again;
@@ -26,6 +29,7 @@ import pytest
 from fedgen.config import load_config
 from fedgen.data import load_device_data
 from fedgen.privacy import epsilon_of
+from fedgen.reports import load_checkpoint
 from fedgen.rounds import plan_privacy
 from tests.deployment import Deployment
 from tests.test_device_data import write_folder
@@ -35,7 +39,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 OVERRIDES = [
-    "model.type=gan",
+    "model.type=mmd",  # one release per round: `local_steps_for` counts the accountant's steps
+    "model.embedding_frequencies=64",
+    "training.mmd_samples_per_class=4",
     "data.dataset=glyphs",
     "data.glyphs_per_class=20",
     "federation.min_train_clients=2",
@@ -43,10 +49,7 @@ OVERRIDES = [
     "federation.rounds=3",
     "federation.round_timeout=300",
     "training.local_steps=4",
-    "training.d_steps_per_g_step=2",
     "training.batch_size=16",
-    "model.generator_channels=16",
-    "model.discriminator_channels=8",
     "model.latent_dim=16",
     "model.groups=4",
     "privacy.target_epsilon=4.0",
@@ -91,7 +94,7 @@ def federation(tmp_path_factory):
 
     # alpha's own budget: enough for two rounds of the planned three, not for the third.
     plan = plan_privacy(cfg, len(load_device_data(alpha_data).data))
-    steps = cfg.training.local_steps
+    steps = cfg.local_steps_for(cfg.stage(1))
     p = cfg.privacy
     two, three = (
         epsilon_of(
@@ -180,14 +183,25 @@ def test_restarted_node_accounts_for_all_its_rounds(federation):
     # Round 1 was before the restart; the ledger kept it, and later rounds added to it.
     assert "beta" in report(federation)["rounds"][0]["epsilon"]
     assert ledger["rounds"][0] == 1 and len(ledger["rounds"]) >= 2
-    steps = cfg.training.local_steps * len(ledger["rounds"])
+    # The device's running sum of its releases (kept on its disk, never sent) survived the
+    # restart: it counts every round the ledger has, not only those after the restart.
+    kept = list(federation["ledgers"]["beta"].parent.rglob("beta*.optimizer.safetensors"))
+    assert len(kept) == 1, kept
+    assert int(load_checkpoint(kept[0])["release.count"].item()) == len(ledger["rounds"])
+    steps = cfg.local_steps_for(cfg.stage(1)) * len(ledger["rounds"])
     assert sum(h[2] for h in ledger["history"]) == steps == beta["steps"]
     p = cfg.privacy
     fresh = epsilon_of(ledger["history"], p.delta, p.accountant, p.neighboring)
     assert ledger["epsilon"] == pytest.approx(fresh)
     assert beta["epsilon"] == pytest.approx(fresh)
     after_restart_only = epsilon_of(
-        [(ledger["noise_multiplier"], ledger["sample_rate"], steps - cfg.training.local_steps)],
+        [
+            (
+                ledger["noise_multiplier"],
+                ledger["sample_rate"],
+                steps - cfg.local_steps_for(cfg.stage(1)),
+            )
+        ],
         p.delta,
         p.accountant,
         p.neighboring,
