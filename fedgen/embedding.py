@@ -34,6 +34,7 @@ import math
 import torch
 
 from fedgen.config import PrivacyConfig, TrainingConfig
+from fedgen.dp_sgd import StepRecord
 from fedgen.models import MMDGenerator
 from fedgen.privacy import HistoryEntry
 from fedgen.secure_random import SecureRandom
@@ -148,7 +149,9 @@ def train_mmd_locally(
     if privacy.enabled:
         rng = SecureRandom.from_seed(seed) if privacy.reproducible_noise else SecureRandom()
         released = release(sums, release_std(noise_multiplier, privacy.neighboring), rng)
-        history = [*history, (float(noise_multiplier), float(sample_rate), 1)]
+        record = StepRecord(history, noise_multiplier, sample_rate)
+        record.step()  # one release: one step, merged with the rounds before it like DP-SGD's
+        history = record.history
     else:
         released = sums
     total, releases = released, 1

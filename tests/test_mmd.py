@@ -173,7 +173,8 @@ def test_a_round_costs_one_release_and_the_plan_covers_every_round():
         state, kept = result.state_dict, result.optimizer_state
         assert int(kept[embedding.KEPT_COUNT]) == rnd  # the running mean's releases
         assert result.metrics["g_steps"] == cfg.training.local_steps
-    assert plan.history == [(plan.noise_multiplier, 1.0, 1)] * cfg.federation.rounds
+    # Merged like DP-SGD's steps: one entry whose step count is the number of rounds.
+    assert plan.history == [(plan.noise_multiplier, 1.0, cfg.federation.rounds)]
     spent = epsilon_of(plan.history, 1e-5, "pld", "replace_one")
     assert 0.99 * cfg.privacy.target_epsilon <= spent <= cfg.privacy.target_epsilon
     # A fourth round would exceed what the noise was calibrated for: refused.
@@ -281,7 +282,7 @@ def test_simulate_runs_the_mmd_model_end_to_end_and_its_report_recomputes(tmp_pa
     report = json.loads((out / "privacy_report.json").read_text())
     assert "Gaussian mechanism" in report["mechanism"]
     for client in report["clients"].values():
-        assert [h[1:] for h in client["history"]] == [[1.0, 1]] * 2  # two releases, rate 1
+        assert [h[1:] for h in client["history"]] == [[1.0, 2]]  # two releases, rate 1
         fresh = epsilon_of([tuple(h) for h in client["history"]], 1e-5, "pld", "replace_one")
         assert client["epsilon"] == pytest.approx(fresh, rel=1e-12) and fresh <= 2.0
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
