@@ -105,12 +105,17 @@ class PrivacyLedger:
             ],
             "failures": list(failures or []),
         }
-        steps = self.cfg.local_steps_for(self.cfg.stage(server_round))
+        # A non-private run accounts no steps: its clients' histories stay empty.
+        steps = (
+            self.cfg.local_steps_for(self.cfg.stage(server_round))
+            if self.cfg.privacy.enabled
+            else 0
+        )
         for rep in reports:
             entry["epsilon"][str(rep["client_id"])] = self._update(rep, server_round, steps)
         for rep in declined or []:
             if rep.get("history") is not None:
-                self._update(rep, server_round, 0)
+                self._update(rep, server_round, 0, trained=False)
             client = self.clients.setdefault(str(rep["client_id"]), self._blank(rep))
             client["declined_rounds"].append(server_round)
         for who in missing or []:
@@ -134,9 +139,11 @@ class PrivacyLedger:
             "tally": "reported",
         }
 
-    def _update(self, rep: dict[str, Any], server_round: int, round_steps: int) -> float | None:
+    def _update(
+        self, rep: dict[str, Any], server_round: int, round_steps: int, trained: bool = True
+    ) -> float | None:
         """Take a client's reported history; `round_steps` is what this reply should add
-        (0 for a decline or a tally)."""
+        (0 for a decline, a tally or a non-private run); `trained`: the reply is an update."""
         cid = str(rep["client_id"])
         client = self.clients.get(cid) or self._blank(rep)
         reported = [[float(s), float(q), int(n)] for s, q, n in rep["history"]]
@@ -180,7 +187,7 @@ class PrivacyLedger:
                 "reported_epsilon": rep.get("epsilon", client.get("reported_epsilon")),
             }
         )
-        if round_steps:
+        if trained:
             client["rounds_participated"] = client.get("rounds_participated", 0) + 1
         if lost:
             client["lost_history"] = lost
@@ -210,7 +217,7 @@ class PrivacyLedger:
         self.unidentified.pop(label, None)
         cid = str(rep["client_id"])
         if rep.get("history") is not None:
-            self._update(rep, 0, 0)
+            self._update(rep, 0, 0, trained=False)
         client = self.clients.get(cid)
         if client is not None:
             # The device closed the run: what it did not train by now, it never will.

@@ -123,6 +123,8 @@ def run_probe(cfg: FedgenConfig, args: argparse.Namespace) -> dict[str, Any]:
         global_state = fedavg(states, sizes)
         ema = ema_update(ema, global_state, args.ema)
         train_seconds += time.perf_counter() - started
+        print(f"  round {rnd}/{cfg.federation.rounds}: {train_seconds:.1f} s of training so far",
+              flush=True)  # fmt: skip
         if args.eval_every and rnd % args.eval_every == 0 and rnd < cfg.federation.rounds:
             point = {"round": rnd, "seconds": round(train_seconds, 1)}
             point |= measure(cfg, evaluator, ema if args.ema > 0 else global_state, False)

@@ -66,6 +66,17 @@ def test_a_history_that_did_not_grow_as_planned_is_flagged(ledger):
     assert ledger.clients["a"]["epsilon"] == pytest.approx(fresh(16))  # the larger holds
 
 
+def test_a_non_private_run_expects_no_steps_and_counts_every_round():
+    # Measured 2026-11-25: a non-private MNIST run flagged every client in every round
+    # ("expected 1, got 0"), though a non-private client rightly accounts nothing.
+    ledger = PrivacyLedger(small_config("privacy.enabled=false"))
+    for server_round in (1, 2, 3):
+        ledger.record_round(server_round, [rep(0)])
+    a = ledger.clients["a"]
+    assert a["anomalies"] == [] and a["rounds_participated"] == 3 and a["epsilon"] is None
+    assert "history anomaly" not in format_privacy_table(ledger.to_dict())
+
+
 def test_an_unnamed_silent_node_is_reported_as_unknown(ledger):
     ledger.record_round(1, [], missing=["node 7"])
     report = ledger.to_dict()
