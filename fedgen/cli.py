@@ -776,12 +776,30 @@ def _user_errors() -> tuple[type[Exception], ...]:
     )
 
 
+def _exit_if_threads_linger(code: int) -> None:
+    """Exit now if threads other than this one would keep the process alive. An
+    interrupted Flower simulation leaves its ServerApp thread and its executor's workers
+    waiting for each other, so a normal exit would wait for ever. The run directory is
+    safe to stop at any point (`--resume` continues it), as after a crash."""
+    import logging
+    import os
+    import threading
+
+    main_thread = threading.main_thread()
+    if any(t is not main_thread and not t.daemon for t in threading.enumerate()):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
     except KeyboardInterrupt:
         print("fedgen: interrupted", file=sys.stderr)
+        _exit_if_threads_linger(130)
         return 130
     except RunFailed as err:
         print(f"fedgen: error: {err}", file=sys.stderr)

@@ -44,12 +44,21 @@ def simulate(
     it warns that it is deprecated in favour of `flwr run`, which needs a SuperLink and a
     built Flower App (fedgen supports that too, see README). `fedgen simulate` sends the
     warning to the run's log with Flower's other output (`fedgen.console.RunConsole`)."""
-    run_simulation(
-        server_app=make_server_app(cfg, run_dir, resume, progress),
-        client_app=client or client_app,
-        num_supernodes=cfg.federation.num_clients,
-        backend_config=backend_config(cfg),
-    )
+    try:
+        run_simulation(
+            server_app=make_server_app(cfg, run_dir, resume, progress),
+            client_app=client or client_app,
+            num_supernodes=cfg.federation.num_clients,
+            backend_config=backend_config(cfg),
+        )
+    except KeyboardInterrupt:
+        # Flower leaves the Ray cluster it started running when interrupted; stop it, or
+        # its processes outlive the command.
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        raise
     manifest = run_dir.path / "manifest.json"
     status = json.loads(manifest.read_text()).get("status") if manifest.is_file() else None
     if status != "completed":

@@ -417,3 +417,37 @@ def test_a_stop_after_the_last_round_was_committed_finishes_without_a_federation
     log = (run.path / "audit_log.jsonl").read_text()
     assert finish_committed_round(cfg, RunDir(run.path)) == 2
     assert (run.path / "audit_log.jsonl").read_text() == log
+
+
+def _session_processes(session: int) -> list[int]:
+    ps = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True)
+    pairs = (tuple(int(x) for x in line.split()) for line in ps.stdout.splitlines())
+    return [pid for pid, sid in pairs if sid == session]
+
+
+def test_an_interrupt_stops_the_run_at_once_and_says_how_to_resume(tmp_path):
+    """Ctrl-C (SIGINT to the command) once round 1 is committed: the command exits with
+    130 and says how to resume. Before 2026-11-25 it printed that and then waited for ever
+    on Flower's ServerApp thread, with Ray's processes still running."""
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(_simulate("--out", str(out)), cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while 1 not in _metrics_rounds(out):
+            assert proc.poll() is None, "the run ended before it could be interrupted"
+            assert time.monotonic() < deadline, "round 1 was never committed"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGINT)
+        stdout, _ = proc.communicate(timeout=TIMEOUT)  # a guard: the bug waited for ever
+        # Ray's processes go with it (they may take a moment to exit).
+        while _session_processes(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = _session_processes(proc.pid)
+    finally:
+        _kill_leftovers(proc.pid)
+    assert proc.returncode == 130, stdout[-2000:]
+    assert f"fedgen simulate --resume {out}" in stdout
+    assert left == [], "processes of the interrupted run outlived it"
