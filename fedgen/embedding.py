@@ -64,7 +64,7 @@ def embedding_sums(model: MMDGenerator, images: torch.Tensor, labels: torch.Tens
     `release`."""
     embed = model.embedding
     sums = torch.zeros(model.num_classes, embed.dim + 1, dtype=torch.float64)
-    device = embed.omega.device
+    device = embed.joint.device
     for start in range(0, len(images), _CHUNK):
         x = images[start : start + _CHUNK].to(device)
         y = labels[start : start + _CHUNK].long()

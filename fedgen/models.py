@@ -169,11 +169,16 @@ class ScatterFeatures(nn.Module):
         self.stride = stride
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.features(images, patches=images.requires_grad)
+
+    def features(self, images: torch.Tensor, patches: bool) -> torch.Tensor:
+        """The features, with the wavelet responses computed as a matrix product of
+        unfolded `patches` or as a convolution: the same numbers either way. `forward`
+        takes patches for an input that needs a gradient: on the CPU their backward (the
+        `mmd` fit's, the latent code head's) is about twice as fast as the convolution's,
+        though their forward alone is slower."""
         x = (images + 1) / 2  # background 0, so zero padding adds no false edge
-        if x.requires_grad:
-            # The same responses as a matrix product of unfolded patches: on the CPU its
-            # backward (the `mmd` fit's, the latent code head's) is about twice as fast
-            # as the convolution's, though its forward alone is slower.
+        if patches:
             size = self.bank.shape[-1]
             patches = F.unfold(x, size, padding=self.padding, stride=self.stride)
             side = (x.shape[-1] + 2 * self.padding - size) // self.stride + 1
@@ -284,10 +289,11 @@ class MeanEmbedding(nn.Module):
         gen = torch.Generator().manual_seed(seed)
         wavelet_only = round(wavelet_share * frequencies)
         joint = torch.randn(inputs, frequencies - wavelet_only, generator=gen) / bandwidth
-        alone = torch.randn(inputs, wavelet_only, generator=gen) / wavelet_bandwidth
-        alone[wavelets:] = 0.0  # these frequencies do not read the pixels
-        omega = torch.cat([joint, alone], dim=1)
-        self.register_buffer("omega", omega, persistent=False)
+        # Drawn for every input, as the joint ones, then cut to the wavelet rows: these
+        # frequencies do not read the pixels, and the product skips them.
+        alone = torch.randn(inputs, wavelet_only, generator=gen)[:wavelets] / wavelet_bandwidth
+        self.register_buffer("joint", joint, persistent=False)
+        self.register_buffer("alone", alone.contiguous(), persistent=False)
         self.frequencies = frequencies
 
     @property
@@ -295,9 +301,13 @@ class MeanEmbedding(nn.Module):
         return 2 * self.frequencies
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        pixels = (images + 1) / 2
-        f = torch.cat([self.scatter(images).flatten(1), pixels.flatten(1)], dim=1)
-        h = f @ self.omega
+        return self.embed(self.scatter(images), images)
+
+    def embed(self, wavelets: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """phi of `images`, given their wavelet features (`self.scatter(images)`)."""
+        w = wavelets.flatten(1)
+        f = torch.cat([w, ((images + 1) / 2).flatten(1)], dim=1)
+        h = torch.cat([f @ self.joint, w @ self.alone], dim=1)
         # cos^2 + sin^2 = 1 per frequency, so every row has norm exactly 1.
         return torch.cat([torch.cos(h), torch.sin(h)], dim=1) / math.sqrt(self.frequencies)
 

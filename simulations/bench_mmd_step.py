@@ -22,21 +22,10 @@ import time
 from datetime import date
 
 import torch
-import torch.nn.functional as F
 
 from fedgen.config import load_config
 from fedgen.embedding import mmd_estimate
-from fedgen.models import ScatterFeatures, build_model
-
-
-def convolution_features(scatter: ScatterFeatures, images: torch.Tensor) -> torch.Tensor:
-    """The same features through `F.conv2d` (the baseline)."""
-    x = (images + 1) / 2
-    response = F.conv2d(x, scatter.bank, padding=scatter.padding, stride=scatter.stride)
-    re, im = response[:, 0::2], response[:, 1::2]
-    modulus = torch.sqrt(re * re + im * im + 1e-8)
-    pooled = F.avg_pool2d(modulus, 4 // scatter.stride)
-    return torch.cat([F.avg_pool2d(x, 4), 4 * pooled], dim=1)
+from fedgen.models import build_model
 
 
 def main() -> None:
@@ -57,11 +46,9 @@ def main() -> None:
     target = torch.zeros(10, embed.dim)
 
     def features(images: torch.Tensor, baseline: bool) -> torch.Tensor:
-        if not baseline:
-            return embed(images)  # the product's path
-        wavelets = convolution_features(embed.scatter, images).flatten(1)
-        h = torch.cat([wavelets, ((images + 1) / 2).flatten(1)], dim=1) @ embed.omega
-        return torch.cat([torch.cos(h), torch.sin(h)], dim=1) / embed.frequencies**0.5
+        # The product's own code both ways; only how the wavelet responses are computed
+        # differs (`embed(images)` takes the patches for a generated image).
+        return embed.embed(embed.scatter.features(images, patches=not baseline), images)
 
     def step(baseline: bool) -> None:
         fake = gen(torch.randn(len(labels), gen.latent_dim), labels)
