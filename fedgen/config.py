@@ -602,6 +602,15 @@ class FedgenConfig(_Section):
         its optimizer's moments, and for `mmd` the running mean of its releases."""
         return self.training.keep_optimizer_state or self.model.type == "mmd"
 
+    @property
+    def contribution_bound(self) -> tuple[str, float]:
+        """What bounds one example's effect on a DP step, and its value: `mmd`'s
+        per-example features have norm exactly 1; DP-SGD clips each example's gradient to
+        `privacy.max_grad_norm`."""
+        if self.model.type == "mmd":
+            return "contribution norm", 1.0
+        return "clipping bound", self.privacy.max_grad_norm
+
     def local_steps_for(self, stage: str) -> int:
         """DP steps a client takes in one round of `stage` (`mmd`: one release; its
         `training.local_steps` are generator steps, which read no data)."""

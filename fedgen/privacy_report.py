@@ -280,8 +280,8 @@ class PrivacyLedger:
             "delta": p.delta,
             "target_epsilon": p.target_epsilon if p.enabled else None,
             "max_epsilon": self.max_epsilon if p.enabled else None,
-            # `mmd`: each example's contribution has norm 1 (its clip, in effect).
-            "max_grad_norm": 1.0 if self.cfg.model.type == "mmd" else p.max_grad_norm,
+            "max_grad_norm": self.cfg.contribution_bound[1],
+            "bound_kind": self.cfg.contribution_bound[0],
             "guarantee": (
                 f"sample-level (epsilon, delta)-DP per client under {p.neighboring} "
                 "neighbouring, for each client's own examples, cumulative over all rounds it "
@@ -448,12 +448,7 @@ def privacy_markdown(report: dict[str, Any]) -> str:
             "",
             f"- **Neighbouring relation**: {report['relation']}.",
             f"- **Mechanism**: {report['mechanism']}; per-example "
-            + (
-                "contribution norm"
-                if report["mechanism"] == MECHANISMS["mmd"]
-                else "clipping bound"
-            )
-            + f" `{report['max_grad_norm']:g}`.",
+            f"{report.get('bound_kind', 'clipping bound')} `{report['max_grad_norm']:g}`.",
             f"- **Noise source**: {report['noise_source']}.",
             f"- **Accountant**: `{report['accountant']}` from {report['accountant_library']}"
             + (

@@ -110,3 +110,13 @@ def test_the_query_closes_the_run_so_no_later_message_trains_for_it(tmp_path):
     assert record["history"] == trained.content["privacy"]["history"]
     late = client_train(with_ledger(message(cfg, 2)), ctx)
     assert late.content["declined"]["code"] == "run-closed"
+
+
+@pytest.mark.parametrize(("family", "says"), [("gan", "clipping bound `1.5`"),
+                                              ("mmd", "contribution norm `1`")])  # fmt: skip
+def test_the_statement_names_what_bounds_one_example(family, says):
+    # DP-SGD clips each gradient to max_grad_norm; `mmd`'s features have norm 1 whatever
+    # max_grad_norm says.
+    ledger = PrivacyLedger(small_config(f"model.type={family}", "privacy.max_grad_norm=1.5"))
+    ledger.record_round(1, [rep(ledger.cfg.local_steps_for(ledger.cfg.stage(1)))])
+    assert f"per-example {says}." in privacy_markdown(ledger.to_dict())
