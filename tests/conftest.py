@@ -62,3 +62,20 @@ def tiny_run(tmp_path_factory, worker_id: str) -> Path:
             assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
             done.touch()
     return out
+
+
+@pytest.fixture(scope="session")
+def glyph_evaluator_cache(tmp_path_factory, worker_id: str) -> Path:
+    """An evaluator cache holding the classifier of the quickstart's glyphs (the default
+    data), trained once for the whole suite under a lock the other xdist worker waits on:
+    the quality regressions of both families read it instead of each training its own."""
+    from fedgen.config import load_config
+    from fedgen.evaluation import Evaluator
+
+    root = tmp_path_factory.getbasetemp()
+    if worker_id != "master":
+        root = root.parent  # shared by this session's workers, and only by them
+    cache = root / "glyph-evaluator"
+    with FileLock(str(root / "glyph-evaluator.lock")):
+        _ = Evaluator(load_config(None, [f"evaluation.cache_dir={cache}"]), log=None).evaluator
+    return cache

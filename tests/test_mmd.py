@@ -244,7 +244,7 @@ def test_the_embedding_is_a_mixture_of_a_wavelet_kernel_and_a_joint_kernel():
     assert embed.joint.shape == (wavelets + 28 * 28, 20_000 - round(share * 20_000))
 
 
-def test_the_mmd_fit_draws_the_classes_after_a_hundred_and_fifty_steps(tmp_path):
+def test_the_mmd_fit_draws_the_classes_after_a_hundred_and_fifty_steps(glyph_evaluator_cache):
     """Quality regression for the quickstart's recipe, bounded by steps: one client's
     glyphs, noise planned for epsilon 10 over 5 rounds (one release of the five), 150
     steps of the default `mmd` fit; the glyph classifier must recognise the generated class
@@ -256,7 +256,7 @@ def test_the_mmd_fit_draws_the_classes_after_a_hundred_and_fifty_steps(tmp_path)
     cfg = load_config(None, ["model.type=mmd", "training.local_steps=150", "device=cpu",
                              "model.generator_channels=16", "evaluation.samples=500",
                              "privacy.reproducible_noise=true",
-                             f"evaluation.cache_dir={tmp_path}"])  # fmt: skip
+                             f"evaluation.cache_dir={glyph_evaluator_cache}"])  # fmt: skip
     data = client_partition(cfg, 0, cfg.federation.num_clients)
     plan = plan_privacy(cfg, len(data))
     start = build_model(cfg.model, seed=0).state_dict()

@@ -63,7 +63,7 @@ def test_opacus_accepts_it_and_its_per_example_gradients_are_exact(head, stride)
             torch.testing.assert_close(p.grad_sample[i], q.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_the_glyph_gan_recipe_learns_the_classes_under_dp(tmp_path):
+def test_the_glyph_gan_recipe_learns_the_classes_under_dp(glyph_evaluator_cache):
     """A quality regression bounded by steps, never by time: one client of the GAN on the
     quickstart's glyphs (5,000) trains 2 rounds of 60 DP steps of the GAN's default recipe
     at epsilon 10, and the
@@ -84,7 +84,7 @@ def test_the_glyph_gan_recipe_learns_the_classes_under_dp(tmp_path):
             "training.local_steps=60",
             "privacy.reproducible_noise=true",  # the same draws on every machine
             "evaluation.samples=2000",
-            f"evaluation.cache_dir={tmp_path}",
+            f"evaluation.cache_dir={glyph_evaluator_cache}",
             "device=cpu",
         ],
     )
