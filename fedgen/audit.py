@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 from fedgen.canaries import CANARY_CLIENT, audit_guesses, read_canary_record
-from fedgen.config import FedgenConfig, load_config
+from fedgen.config import FedgenConfig, load_config, load_run_config
 from fedgen.data import Dataset, federated_partitions, load_dataset, load_mnist, to_tensors
 from fedgen.leakage import (
     MemorisationResult,
@@ -545,7 +545,7 @@ def audit_run(
     cfg_path = run.path / "config.yaml"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path} does not exist: is {run.path} a fedgen run directory?")
-    cfg = load_config(cfg_path, overrides)
+    cfg = load_run_config(run.path, overrides)
     round_, state = run.checkpoint(checkpoint)
     model = build_model(cfg.model)
     model.load_state_dict(state)

@@ -593,14 +593,14 @@ def _explanations(run: Path, src: _Sources, latest: int | None) -> dict[str, Any
 
 
 def _about(run: Path, src: _Sources) -> dict[str, Any]:
-    from fedgen.config import load_config
+    from fedgen.config import load_run_config
     from fedgen.console import plural
 
     cfg_path = run / "config.yaml"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path} does not exist: is {run} a fedgen run directory?")
     src.read(cfg_path)
-    cfg = load_config(cfg_path)
+    cfg = load_run_config(run)
     manifest = src.json(run / "manifest.json") or {}
     fed = cfg.federation
     rounds = plural(fed.rounds, "round") + (

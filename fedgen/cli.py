@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from fedgen.config import load_config, resumable_config
+    from fedgen.config import load_config, load_run_config, resumable_config
     from fedgen.console import RunConsole, plural
     from fedgen.reports import RunDir, format_privacy_table, load_privacy_report, write_atomic
     from fedgen.rounds import finish_committed_round, preflight
@@ -30,7 +30,11 @@ def _simulate(args: argparse.Namespace) -> int:
         requested = None
         if args.config or args.set:
             # --set alone applies to the run's own config, not the quickstart.
-            requested = load_config(args.config or Path(args.resume) / "config.yaml", args.set)
+            requested = (
+                load_config(args.config, args.set)
+                if args.config
+                else load_run_config(args.resume, args.set)
+            )
         cfg = resumable_config(args.resume, requested)
     else:
         cfg = load_config(args.config, args.set)
@@ -214,14 +218,14 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _load_run(path: str, overrides: list[str] | None = None) -> tuple[RunDir, FedgenConfig]:
-    from fedgen.config import load_config
+    from fedgen.config import load_run_config
     from fedgen.reports import RunDir
 
     run = RunDir(path)
     cfg_path = run.path / "config.yaml"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path} does not exist: is {run.path} a fedgen run directory?")
-    return run, load_config(cfg_path, overrides)
+    return run, load_run_config(run.path, overrides)
 
 
 def _evaluate(args: argparse.Namespace) -> int:

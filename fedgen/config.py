@@ -740,6 +740,25 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return config_from_dict(apply_overrides(raw, overrides or []))
 
 
+# Settings added after runs were written: a run's saved config.yaml (a complete dump of
+# every setting) that lacks one was made by a fedgen that behaved as this value does, so
+# resuming, evaluating or verifying the run keeps what it was trained with.
+ADDED_SETTINGS: dict[str, Any] = {
+    "model.embedding_wavelet_share": 0.0,  # 2026-11-24: `mmd`'s kernel was joint only
+}
+
+
+def load_run_config(run_path: str | Path, overrides: list[str] | None = None) -> FedgenConfig:
+    """A run directory's own config (`RUN/config.yaml`), with `overrides` applied; the
+    settings fedgen added since the run was written take their `ADDED_SETTINGS` value."""
+    raw = _read_yaml(Path(run_path) / "config.yaml")
+    for key, value in ADDED_SETTINGS.items():
+        section, name = key.split(".")
+        if isinstance(raw.get(section), dict) and name not in raw[section]:
+            raw[section][name] = value
+    return config_from_dict(apply_overrides(raw, overrides or []))
+
+
 def config_reference_markdown() -> str:
     """The generated reference of every key (docs/CONFIG.md)."""
     lines = [
@@ -795,7 +814,7 @@ def resumable_config(run_path: str | Path, requested: FedgenConfig | None) -> Fe
     saved_path = Path(run_path) / "config.yaml"
     if not saved_path.is_file():
         raise ConfigError(f"{run_path} is not a fedgen run directory (no config.yaml)")
-    saved = load_config(saved_path)
+    saved = load_run_config(run_path)
     if requested is None:
         return saved
     before, after = _flat(saved.model_dump(mode="json")), _flat(requested.model_dump(mode="json"))

@@ -256,7 +256,7 @@ class _Run:
 
 
 def _read_run(path: Path) -> tuple[_Run, list[Check]]:
-    from fedgen.config import ConfigError, load_config
+    from fedgen.config import ConfigError, load_run_config
 
     early: list[Check] = []
     manifest: dict[str, Any] = {}
@@ -269,7 +269,7 @@ def _read_run(path: Path) -> tuple[_Run, list[Check]]:
     cfg, text = None, None
     try:
         text = (path / "config.yaml").read_text()
-        cfg = load_config(path / "config.yaml")
+        cfg = load_run_config(path)
     except (OSError, ValueError, ConfigError) as err:
         check = Check("config")
         check.fail("config.yaml", f"cannot be read ({str(err).splitlines()[0]})")

@@ -16,7 +16,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedgen.config import FedgenConfig, load_config, resumable_config
+from fedgen.config import FedgenConfig, load_config, load_run_config, resumable_config
 from fedgen.console import RoundProgress, plural, say
 from fedgen.reports import RunDir, write_atomic
 from fedgen.rounds import RoundRecorder
@@ -231,8 +231,11 @@ def make_server_app(
                 requested = None
                 if _overrides(run_config):
                     # Overrides alone apply to the run's own config, not the quickstart.
-                    own = str(run_config.get("config", "") or "") or str(run.path / "config.yaml")
-                    requested, _ = config_from_run_config({**run_config, "config": own})
+                    if str(run_config.get("config", "") or ""):
+                        requested = run_cfg
+                    else:
+                        overrides = str(run_config.get("overrides", "") or "").split()
+                        requested = load_run_config(run.path, overrides)
                 run_cfg = resumable_config(run.path, requested)
                 write_atomic(run.path / "config.yaml", run_cfg.to_yaml())
                 resuming = True

@@ -113,3 +113,26 @@ def test_results_rows_are_valid_configs():
 def test_config_reference_is_current():
     # docs/CONFIG.md is generated; regenerate with `fedgen config-reference --out docs/CONFIG.md`.
     assert (REPO / "docs" / "CONFIG.md").read_text() == config_reference_markdown()
+
+
+def test_a_run_written_before_a_setting_existed_keeps_the_behaviour_it_was_trained_with(
+    tmp_path,
+):
+    # An `mmd` run saved before 2026-11-24 has no embedding_wavelet_share: its releases
+    # were made with the joint kernel alone, so resuming it with the new default (0.7)
+    # would fit a generator to statistics of another kernel.
+    from fedgen.config import ADDED_SETTINGS, load_run_config, resumable_config
+
+    raw = yaml.safe_load(load_config(None, ["model.type=mmd"]).to_yaml())
+    assert raw["model"]["embedding_wavelet_share"] == 0.7  # today's default, in the dump
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(raw))
+    assert load_run_config(tmp_path).model.embedding_wavelet_share == 0.7  # written: kept
+    del raw["model"]["embedding_wavelet_share"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(raw))
+    assert load_run_config(tmp_path).model.embedding_wavelet_share == 0.0
+    assert resumable_config(tmp_path, None).model.embedding_wavelet_share == 0.0
+    assert load_run_config(tmp_path, ["run.eval_every=2"]).model.embedding_wavelet_share == 0.0
+    cfg = load_config(None, [])
+    for key in ADDED_SETTINGS:  # each names a real setting (a typo would do nothing)
+        section, name = key.split(".")
+        assert name in type(getattr(cfg, section)).model_fields, key
