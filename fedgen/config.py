@@ -532,11 +532,6 @@ class FedgenConfig(_Section):
                 "federation.strategy=fedprox has no proximal term for model.type=mmd (its "
                 "generator steps fit a released target, not the data); use fedavg"
             )
-        if model.type == "mmd" and self.privacy.canaries:
-            raise ValueError(
-                f"privacy.canaries={self.privacy.canaries} needs `fedgen audit`, which does "
-                "not support model.type=mmd yet; set it to 0"
-            )
         if model.type == "gan" and tr.d_steps_per_g_step > tr.local_steps:
             raise ValueError(
                 f"training.d_steps_per_g_step={tr.d_steps_per_g_step} exceeds "

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from fedgen.config import FedgenConfig, PrivacyConfig
-from fedgen.models import ConditionalGAN, VQVAEWithPrior, build_model
+from fedgen.models import ConditionalGAN, MMDGenerator, VQVAEWithPrior, build_model
 
 __all__ = [
     "FPR_TARGETS",
@@ -215,8 +215,12 @@ def example_scores(
     model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int = 500
 ) -> np.ndarray:
     """Per example, how much the released model looks as if it trained on it (higher:
-    more): the GAN's discriminator logit for (image, label), or the VQ-VAE's negative
-    reconstruction error (mean squared, pixels in [-1, 1])."""
+    more): the GAN's discriminator logit for (image, label), the VQ-VAE's negative
+    reconstruction error (mean squared, pixels in [-1, 1]), or for `mmd` the inner product
+    of the example's embedding with the mean embedding of the generator's images of its
+    class (the statistic the generator was fitted to, each example's own term in it)."""
+    if isinstance(model, MMDGenerator):
+        return _mmd_scores(model, images, labels, batch)
     if isinstance(model, ConditionalGAN):
         net: nn.Module = model.discriminator
 
@@ -238,6 +242,27 @@ def example_scores(
         score(images[i : i + batch], labels[i : i + batch]) for i in range(0, len(images), batch)
     ]
     net.train(was_training)
+    return torch.cat(out).double().numpy() if out else np.zeros(0)
+
+
+MMD_SCORE_SAMPLES = 500  # generated images per class whose mean embedding scores examples
+
+
+@torch.no_grad()
+def _mmd_scores(
+    model: MMDGenerator, images: torch.Tensor, labels: torch.Tensor, batch: int
+) -> np.ndarray:
+    from fedgen.quality import generate
+
+    classes = torch.arange(model.num_classes)
+    generated = generate(model, classes.repeat_interleave(MMD_SCORE_SAMPLES), seed=0)
+    embed = model.embedding.cpu().eval()
+    means = torch.cat([embed(generated[i : i + batch]) for i in range(0, len(generated), batch)])
+    means = means.view(model.num_classes, MMD_SCORE_SAMPLES, -1).mean(1)
+    out = [
+        (embed(images[i : i + batch]) * means[labels[i : i + batch].long()]).sum(1)
+        for i in range(0, len(images), batch)
+    ]
     return torch.cat(out).double().numpy() if out else np.zeros(0)
 
 

@@ -277,7 +277,7 @@ def test_simulate_runs_the_mmd_model_end_to_end_and_its_report_recomputes(tmp_pa
     cmd = [sys.executable, "-m", "fedgen.cli", "simulate", "--out", str(out)]
     for setting in [*MMD, "federation.rounds=2", "federation.min_train_clients=3",
                     "run.eval_every=2", "evaluation.samples=100", "evaluation.downstream=never",
-                    f"evaluation.cache_dir={tmp_path / 'cache'}"]:  # fmt: skip
+                    "privacy.canaries=20", f"evaluation.cache_dir={tmp_path / 'cache'}"]:  # fmt: skip
         cmd += ["--set", setting]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -301,6 +301,21 @@ def test_simulate_runs_the_mmd_model_end_to_end_and_its_report_recomputes(tmp_pa
     verify = subprocess.run([sys.executable, "-m", "fedgen.cli", "verify", str(out)],
                             capture_output=True, text=True, timeout=300, cwd=REPO)  # fmt: skip
     assert verify.returncode == 0 and "verdict: PASS" in verify.stdout, verify.stdout[-2000:]
+    # `fedgen audit` takes this family too: its checks run, the canaries' lower bound sits
+    # under client 0's epsilon, and the reference model is off (not defined for it).
+    audit = subprocess.run([sys.executable, "-m", "fedgen.cli", "audit", str(out),
+                            "--mia-examples", "40", "--generated-per-class", "10"],
+                           capture_output=True, text=True, timeout=600, cwd=REPO)  # fmt: skip
+    assert audit.returncode == 0, audit.stdout[-3000:] + audit.stderr[-3000:]
+    result = json.loads((out / "audit" / "audit.json").read_text())
+    assert {k: result[k]["status"] for k in ("memorisation", "membership_inference", "canaries")} == {
+        "memorisation": "done", "membership_inference": "done", "canaries": "done",
+    }  # fmt: skip
+    mia = result["membership_inference"]
+    assert set(mia["attacks"]) == {"model_score"} and mia["score"].startswith("inner product")
+    canaries = result["canaries"]
+    assert canaries["epsilon_upper_bound"] == report["clients"]["0"]["epsilon"]
+    assert canaries["epsilon_lower_bound"] <= canaries["epsilon_upper_bound"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
