@@ -6,6 +6,10 @@ round `<round>`: the same as a power cut or `kill -9` at that exact moment, but 
 timing. `tests/test_kill_resume.py` uses it to prove that a run killed at any of these
 points resumes to the same result. Unset (always, outside tests) it does nothing.
 
+`FEDGEN_TEST_KILL_SIGNAL=INT` sends SIGINT to this process instead, as Ctrl-C would, and
+holds the calling thread there, so that the run cannot finish before the interrupt is
+handled.
+
 Points, in the order a round reaches them (`fedgen.rounds.RoundRecorder.record`):
     replied     the clients' replies are in; nothing of the round is on disk
     checkpoint  the round's weights are half written (temporary file, not yet renamed)
@@ -18,10 +22,12 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 
-__all__ = ["KILL_POINTS", "ENV_VAR", "kill_point"]
+__all__ = ["KILL_POINTS", "ENV_VAR", "SIGNAL_VAR", "kill_point"]
 
 ENV_VAR = "FEDGEN_TEST_KILL_AT"
+SIGNAL_VAR = "FEDGEN_TEST_KILL_SIGNAL"
 KILL_POINTS = ("replied", "checkpoint", "committed", "report", "evaluation")
 
 
@@ -38,4 +44,7 @@ def kill_point(point: str, server_round: int) -> None:
         )
     if (named, int(at)) != (point, server_round):
         return
+    if os.environ.get(SIGNAL_VAR) == "INT":
+        os.kill(os.getpid(), signal.SIGINT)  # handled in the main thread
+        threading.Event().wait()  # this thread goes no further
     os.killpg(os.getpgid(0), signal.SIGKILL)

@@ -32,7 +32,7 @@ from flwr.app import ArrayRecord
 from clients.app import train as client_train
 from fedgen.config import load_config
 from fedgen.data import client_partition
-from fedgen.killpoints import ENV_VAR, KILL_POINTS
+from fedgen.killpoints import ENV_VAR, KILL_POINTS, SIGNAL_VAR
 from fedgen.privacy import epsilon_of
 from fedgen.reports import RunDir
 from fedgen.rounds import RoundRecorder, finish_committed_round, plan_privacy
@@ -426,23 +426,19 @@ def _session_processes(session: int) -> list[int]:
 
 
 def test_an_interrupt_stops_the_run_at_once_and_says_how_to_resume(tmp_path):
-    """Ctrl-C (SIGINT to the command) once round 1 is committed: the command exits with
-    130 and says how to resume. Before 2026-11-25 it printed that and then waited for ever
-    on Flower's ServerApp thread, with Ray's processes still running."""
+    """Ctrl-C (SIGINT to the command, sent by the test hook once round 2's replies are in,
+    its server thread held there): the command exits with 130 and says how to resume.
+    Before 2026-11-25 it printed that and then waited for ever on Flower's ServerApp
+    thread, with Ray's processes still running."""
     out = tmp_path / "run"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", ENV_VAR: "replied:2", SIGNAL_VAR: "INT"}
     proc = subprocess.Popen(_simulate("--out", str(out)), cwd=REPO, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)  # fmt: skip
     try:
-        deadline = time.monotonic() + TIMEOUT
-        while 1 not in _metrics_rounds(out):
-            assert proc.poll() is None, "the run ended before it could be interrupted"
-            assert time.monotonic() < deadline, "round 1 was never committed"
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGINT)
         stdout, _ = proc.communicate(timeout=TIMEOUT)  # a guard: the bug waited for ever
         # Ray's processes go with it (they may take a moment to exit).
+        deadline = time.monotonic() + TIMEOUT
         while _session_processes(proc.pid) and time.monotonic() < deadline:
             time.sleep(0.2)
         left = _session_processes(proc.pid)
@@ -451,3 +447,4 @@ def test_an_interrupt_stops_the_run_at_once_and_says_how_to_resume(tmp_path):
     assert proc.returncode == 130, stdout[-2000:]
     assert f"fedgen simulate --resume {out}" in stdout
     assert left == [], "processes of the interrupted run outlived it"
+    assert _metrics_rounds(out) == [1]  # round 2 never finished
