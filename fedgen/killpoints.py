@@ -45,6 +45,10 @@ def kill_point(point: str, server_round: int) -> None:
     if (named, int(at)) != (point, server_round):
         return
     if os.environ.get(SIGNAL_VAR) == "INT":
+        if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+            # Started with SIGINT ignored (a background job, a pytest-xdist worker's
+            # child): the interrupt would be lost and this thread held for ever.
+            raise RuntimeError(f"{SIGNAL_VAR}=INT, but this process does not handle SIGINT")
         os.kill(os.getpid(), signal.SIGINT)  # handled in the main thread
         threading.Event().wait()  # this thread goes no further
     os.killpg(os.getpgid(0), signal.SIGKILL)

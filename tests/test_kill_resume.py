@@ -432,9 +432,12 @@ def test_an_interrupt_stops_the_run_at_once_and_says_how_to_resume(tmp_path):
     thread, with Ray's processes still running."""
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", ENV_VAR: "replied:2", SIGNAL_VAR: "INT"}
+    # As a terminal starts it: SIGINT handled (an xdist worker's children inherit it
+    # ignored, and Python then never raises KeyboardInterrupt).
     proc = subprocess.Popen(_simulate("--out", str(out)), cwd=REPO, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)  # fmt: skip
+                            start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     try:
         stdout, _ = proc.communicate(timeout=TIMEOUT)  # a guard: the bug waited for ever
         # Ray's processes go with it (they may take a moment to exit).
