@@ -59,8 +59,10 @@ from fedgen.config import FedgenConfig, load_config, load_run_config
 from fedgen.data import Dataset, federated_partitions, load_dataset, load_mnist, to_tensors
 from fedgen.leakage import (
     MMD_SCORE_SAMPLES,
+    REFERENCE_FAMILIES,
     MemorisationResult,
-    example_scores,
+    Scorer,
+    example_scorer,
     membership_inference,
     memorisation,
     roc_auc,
@@ -321,7 +323,7 @@ SCORES = {
 
 
 def _membership_check(
-    model: nn.Module,
+    score: Scorer,
     cfg: FedgenConfig,
     members: tuple[torch.Tensor, torch.Tensor],
     non_members: tuple[torch.Tensor, torch.Tensor],
@@ -333,9 +335,8 @@ def _membership_check(
     reference_note = "off (--reference-steps 0)"
     # No longer than one client of the run trained: the reference should mimic the run.
     steps = min(settings.reference_steps, cfg.planned_steps)
-    if cfg.model.type == "mmd":
-        # Its score reads the generator's own class means: no trained model to mimic.
-        reference_note = "off: not defined for model.type=mmd"
+    if cfg.model.type not in REFERENCE_FAMILIES:
+        reference_note = f"off: not defined for model.type={cfg.model.type}"
     elif steps and len(reference_data[1]) >= 2:
         reference = train_reference(cfg, *reference_data, steps, settings.seed)
         reference_note = (
@@ -346,7 +347,8 @@ def _membership_check(
         )
     elif settings.reference_steps:
         reference_note = "off: too few unseen images left to train a reference model"
-    attacks, _ = membership_inference(model, members, non_members, reference)
+    reference_score = example_scorer(reference) if reference is not None else None
+    attacks, _ = membership_inference(score, members, non_members, reference_score)
     _plot_roc([("", attacks)], out / "mia_roc.png")
     strongest = max(attacks, key=lambda a: attacks[a]["auc"])
     return {
@@ -377,7 +379,7 @@ def _accountant(run_path: Path, cfg: FedgenConfig) -> dict[str, Any]:
 
 
 def _canary_check(
-    model: nn.Module,
+    score: Scorer,
     cfg: FedgenConfig,
     run_path: Path,
     accountant: dict[str, Any],
@@ -394,7 +396,7 @@ def _canary_check(
     images, labels = to_tensors(
         Dataset(canaries.images, np.full(len(canaries), canaries.label, dtype=np.int64), "c")
     )
-    scores = example_scores(model, images, labels)
+    scores = score(images, labels)
     guesses = audit_guesses(scores, canaries.included, cfg.privacy.delta, settings.confidence)
     upper = accountant["client_epsilon"].get(str(CANARY_CLIENT)) if cfg.privacy.enabled else None
     lower = guesses["epsilon_lower_bound"]
@@ -491,6 +493,7 @@ def _finish(result: dict[str, Any], out: Path, started: float) -> dict[str, Any]
 
 def _audit_model(
     model: nn.Module,
+    score: Scorer,
     cfg: FedgenConfig,
     round_: int,
     train: Dataset,
@@ -517,7 +520,7 @@ def _audit_model(
     memo, _ = _memorisation_check(
         model, cfg, round_, _tensors(train), heldout, settings, out, embed
     )
-    mia = _membership_check(model, cfg, member_set, non_member_set, reference_set, settings, out)
+    mia = _membership_check(score, cfg, member_set, non_member_set, reference_set, settings, out)
     memo["settings"] = {
         "generated_per_class": settings.generated_per_class,
         "reference_per_class": settings.reference_per_class,
@@ -546,9 +549,6 @@ def audit_run(
     settings.check()
     started = time.perf_counter()
     run = RunDir(Path(run_path).resolve())
-    cfg_path = run.path / "config.yaml"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{cfg_path} does not exist: is {run.path} a fedgen run directory?")
     cfg = load_run_config(run.path, overrides)
     round_, state = run.checkpoint(checkpoint)
     model = build_model(cfg.model)
@@ -599,10 +599,10 @@ def audit_run(
         "unseen": f"{len(unseen)} images of the {source}; one random half is the held-out set "
         "and the non-members, the other trains the reference model",
     }
-    result |= _audit_model(
-        model, cfg, round_, train, members, unseen, settings, out, f"client {settings.client}"
-    )
-    result["canaries"] = _canary_check(model, cfg, run.path, accountant, settings, out)
+    score = example_scorer(model)  # one scorer for members, non-members and canaries
+    who = f"client {settings.client}"
+    result |= _audit_model(model, score, cfg, round_, train, members, unseen, settings, out, who)
+    result["canaries"] = _canary_check(score, cfg, run.path, accountant, settings, out)
     return _finish(result, out, started)
 
 
@@ -654,7 +654,9 @@ def audit_device(
             "unseen": f"{len(unseen)} images of {heldout}",
         },
     }
-    result |= _audit_model(model, cfg, round_, own, own, unseen, settings, out, "this device")
+    result |= _audit_model(
+        model, example_scorer(model), cfg, round_, own, own, unseen, settings, out, "this device"
+    )
     result["canaries"] = {"status": "skipped", "reason": "canaries exist in simulation only"}
     return _finish(result, out, started)
 

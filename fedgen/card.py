@@ -596,11 +596,8 @@ def _about(run: Path, src: _Sources) -> dict[str, Any]:
     from fedgen.config import load_run_config
     from fedgen.console import plural
 
-    cfg_path = run / "config.yaml"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{cfg_path} does not exist: is {run} a fedgen run directory?")
-    src.read(cfg_path)
     cfg = load_run_config(run)
+    src.read(run / "config.yaml")
     manifest = src.json(run / "manifest.json") or {}
     fed = cfg.federation
     rounds = plural(fed.rounds, "round") + (

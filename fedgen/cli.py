@@ -222,9 +222,6 @@ def _load_run(path: str, overrides: list[str] | None = None) -> tuple[RunDir, Fe
     from fedgen.reports import RunDir
 
     run = RunDir(path)
-    cfg_path = run.path / "config.yaml"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{cfg_path} does not exist: is {run.path} a fedgen run directory?")
     return run, load_run_config(run.path, overrides)
 
 

@@ -746,7 +746,10 @@ ADDED_SETTINGS: dict[str, Any] = {
 def load_run_config(run_path: str | Path, overrides: list[str] | None = None) -> FedgenConfig:
     """A run directory's own config (`RUN/config.yaml`), with `overrides` applied; the
     settings fedgen added since the run was written take their `ADDED_SETTINGS` value."""
-    raw = _read_yaml(Path(run_path) / "config.yaml")
+    path = Path(run_path) / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: is {run_path} a fedgen run directory?")
+    raw = _read_yaml(path)
     for key, value in ADDED_SETTINGS.items():
         section, name = key.split(".")
         if isinstance(raw.get(section), dict) and name not in raw[section]:

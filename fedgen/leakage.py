@@ -37,12 +37,15 @@ __all__ = [
     "MemorisationResult",
     "equal_per_class",
     "memorisation",
+    "Scorer",
+    "example_scorer",
     "example_scores",
     "roc_curve",
     "roc_auc",
     "attack_summary",
     "membership_inference",
     "train_reference",
+    "REFERENCE_FAMILIES",
 ]
 
 FPR_TARGETS = (0.01, 0.001)
@@ -210,17 +213,19 @@ def _data_copying(
 # --------------------------------------------------------------------------- membership
 
 
-@torch.no_grad()
-def example_scores(
-    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int = 500
-) -> np.ndarray:
+Scorer = Callable[[torch.Tensor, torch.Tensor], np.ndarray]
+
+
+def example_scorer(model: nn.Module, batch: int = 500) -> Scorer:
     """Per example, how much the released model looks as if it trained on it (higher:
     more): the GAN's discriminator logit for (image, label), the VQ-VAE's negative
     reconstruction error (mean squared, pixels in [-1, 1]), or for `mmd` the inner product
     of the example's embedding with the mean embedding of the generator's images of its
-    class (the statistic the generator was fitted to, each example's own term in it)."""
+    class (the statistic the generator was fitted to, each example's own term in it).
+    Whatever the score needs once per model (`mmd`'s class means) is made here, so one
+    scorer serves every set of examples."""
     if isinstance(model, MMDGenerator):
-        return _mmd_scores(model, images, labels, batch)
+        return _mmd_scorer(model, batch)
     if isinstance(model, ConditionalGAN):
         net: nn.Module = model.discriminator
 
@@ -236,34 +241,59 @@ def example_scores(
 
     else:
         raise TypeError(f"no membership score for a {type(model).__name__}")
-    was_training = net.training
-    net.eval()
-    out = [
-        score(images[i : i + batch], labels[i : i + batch]) for i in range(0, len(images), batch)
-    ]
-    net.train(was_training)
-    return torch.cat(out).double().numpy() if out else np.zeros(0)
+
+    @torch.no_grad()
+    def scores(images: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
+        was_training = net.training
+        net.eval()
+        out = [
+            score(images[i : i + batch], labels[i : i + batch])
+            for i in range(0, len(images), batch)
+        ]
+        net.train(was_training)
+        return torch.cat(out).double().numpy() if out else np.zeros(0)
+
+    return scores
+
+
+def example_scores(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
+    """`example_scorer(model)` applied once: for a single set of examples."""
+    return example_scorer(model)(images, labels)
 
 
 MMD_SCORE_SAMPLES = 500  # generated images per class whose mean embedding scores examples
 
 
 @torch.no_grad()
-def _mmd_scores(
-    model: MMDGenerator, images: torch.Tensor, labels: torch.Tensor, batch: int
-) -> np.ndarray:
+def _mmd_scorer(model: MMDGenerator, batch: int) -> Scorer:
     from fedgen.quality import generate
 
     classes = torch.arange(model.num_classes)
     generated = generate(model, classes.repeat_interleave(MMD_SCORE_SAMPLES), seed=0)
-    embed = model.embedding.cpu().eval()
-    means = torch.cat([embed(generated[i : i + batch]) for i in range(0, len(generated), batch)])
-    means = means.view(model.num_classes, MMD_SCORE_SAMPLES, -1).mean(1)
-    out = [
-        (embed(images[i : i + batch]) * means[labels[i : i + batch].long()]).sum(1)
-        for i in range(0, len(images), batch)
-    ]
-    return torch.cat(out).double().numpy() if out else np.zeros(0)
+    embed = model.embedding
+    device = next(iter(embed.buffers())).device
+    was_training = embed.training
+    embed.eval()
+
+    def embedded(images: torch.Tensor) -> torch.Tensor:
+        return torch.cat(
+            [embed(images[i : i + batch].to(device)).cpu() for i in range(0, len(images), batch)]
+        )
+
+    means = embedded(generated).view(model.num_classes, MMD_SCORE_SAMPLES, -1).mean(1)
+    embed.train(was_training)
+
+    @torch.no_grad()
+    def scores(images: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
+        if len(images) == 0:
+            return np.zeros(0)
+        was = embed.training
+        embed.eval()
+        out = (embedded(images) * means[labels.long()]).sum(1)
+        embed.train(was)
+        return out.double().numpy()
+
+    return scores
 
 
 def roc_curve(members: np.ndarray, non_members: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -326,27 +356,24 @@ def _standardise(scores: np.ndarray) -> np.ndarray:
 
 
 def membership_inference(
-    model: nn.Module,
+    score: Scorer,
     members: tuple[torch.Tensor, torch.Tensor],
     non_members: tuple[torch.Tensor, torch.Tensor],
-    reference: nn.Module | None = None,
+    reference: Scorer | None = None,
 ) -> tuple[dict[str, Any], dict[str, tuple[np.ndarray, np.ndarray]]]:
-    """Attack `model` with its own score and, given a `reference` model that saw none of
-    the scored examples, with the calibrated score (each model's scores standardised over
-    all scored examples, then the reference's subtracted). Returns the summaries per
-    attack and the ROC curves (fpr, tpr) for plotting."""
+    """Attack with the released model's `score` (`example_scorer(model)`) and, given the
+    scorer of a `reference` model that saw none of the scored examples, with the
+    calibrated score (each model's scores standardised over all scored examples, then the
+    reference's subtracted). Returns the summaries per attack and the ROC curves (fpr,
+    tpr) for plotting."""
     if len(members[1]) == 0 or len(non_members[1]) == 0:
         raise ValueError("membership inference needs at least one member and one non-member")
-    s_in, s_out = (example_scores(model, *members), example_scores(model, *non_members))
+    s_in, s_out = score(*members), score(*non_members)
     attacks = {"model_score": (s_in, s_out)}
     if reference is not None:
         n = len(s_in)
         target = _standardise(np.concatenate([s_in, s_out]))
-        ref = _standardise(
-            np.concatenate(
-                [example_scores(reference, *members), example_scores(reference, *non_members)]
-            )
-        )
+        ref = _standardise(np.concatenate([reference(*members), reference(*non_members)]))
         calibrated = target - ref
         attacks["calibrated"] = (calibrated[:n], calibrated[n:])
     summaries = {name: attack_summary(a, b) for name, (a, b) in attacks.items()}
@@ -354,15 +381,26 @@ def membership_inference(
     return summaries, curves
 
 
+# The families whose score comes from a trained network a reference can mimic; `mmd`'s
+# score reads the generator's own class means, so there is nothing to calibrate against.
+REFERENCE_FAMILIES = ("gan", "vqvae")
+
+
 def train_reference(
     cfg: FedgenConfig, images: torch.Tensor, labels: torch.Tensor, steps: int, seed: int
 ) -> nn.Module:
     """A reference model for the calibrated attack: the run's architecture from the run's
     initial weights, trained without DP for `steps` steps (batch and learning rates of the
-    run) on `images`, which must hold none of the examples to be scored."""
+    run) on `images`, which must hold none of the examples to be scored. Defined for the
+    families in `REFERENCE_FAMILIES`."""
     from fedgen.training import train_dp_locally, train_gan_locally
     from fedgen.vqvae import vqvae_loss
 
+    if cfg.model.type not in REFERENCE_FAMILIES:
+        raise ValueError(
+            f"no reference model for model.type={cfg.model.type}: "
+            f"defined for {', '.join(REFERENCE_FAMILIES)}"
+        )
     if steps < 1:
         raise ValueError(f"a reference model needs at least one step, got {steps}")
     model = build_model(cfg.model, seed=cfg.seed)

@@ -136,3 +136,15 @@ def test_a_run_written_before_a_setting_existed_keeps_the_behaviour_it_was_train
     for key in ADDED_SETTINGS:  # each names a real setting (a typo would do nothing)
         section, name = key.split(".")
         assert name in type(getattr(cfg, section)).model_fields, key
+
+
+def test_a_directory_that_is_not_a_run_is_refused_with_a_hint(tmp_path):
+    # Every command that reads a run (evaluate, sample, audit, verify, card) goes through
+    # load_run_config: the one place that says what is wrong with the path.
+    from fedgen.card import build_card
+    from fedgen.config import load_run_config
+
+    with pytest.raises(FileNotFoundError, match="is .* a fedgen run directory"):
+        load_run_config(tmp_path)
+    with pytest.raises(FileNotFoundError, match="a fedgen run directory"):
+        build_card(tmp_path)
