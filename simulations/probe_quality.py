@@ -77,6 +77,12 @@ def measure(cfg: FedgenConfig, evaluator: Evaluator, state: State, downstream: b
     return {k: q[k] for k in keys if k in q}
 
 
+def _samples(cfg: FedgenConfig, rnd: int) -> bool:
+    """Whether the model can draw samples after round `rnd` (a VQ-VAE once its prior
+    trains)."""
+    return cfg.model.type != "vqvae" or cfg.stage(rnd) == "prior"
+
+
 def _dp_trained_parameters(cfg: FedgenConfig) -> int:
     """Parameters DP-SGD trains: the GAN's discriminator (none for `mmd`, whose only
     private step is its release)."""
@@ -96,12 +102,15 @@ def run_probe(cfg: FedgenConfig, args: argparse.Namespace) -> dict[str, Any]:
     evaluator = Evaluator(cfg, log=None)
     _ = evaluator.evaluator  # train or load the evaluator CNN before the clock starts
     global_state = build_model(cfg.model, NUM_CLASSES, seed=cfg.seed).state_dict()
+    if args.init:  # e.g. a VQ-VAE saved after its autoencoder rounds, to probe priors on
+        global_state = torch.load(args.init)
     ema: State | None = None
     epsilons = [0.0] * len(shards)
     curve: list[dict] = []
     train_seconds = 0.0
     kept: list[dict[str, torch.Tensor]] = [{} for _ in shards]  # each client's optimizer
-    for rnd in range(1, cfg.federation.rounds + 1):
+    last = cfg.total_rounds  # a VQ-VAE's prior rounds follow its autoencoder rounds
+    for rnd in range(args.from_round, last + 1):
         started = time.perf_counter()
         states, sizes = [], []
         for i, shard in enumerate(shards):
@@ -123,9 +132,9 @@ def run_probe(cfg: FedgenConfig, args: argparse.Namespace) -> dict[str, Any]:
         global_state = fedavg(states, sizes)
         ema = ema_update(ema, global_state, args.ema)
         train_seconds += time.perf_counter() - started
-        print(f"  round {rnd}/{cfg.federation.rounds}: {train_seconds:.1f} s of training so far",
-              flush=True)  # fmt: skip
-        if args.eval_every and rnd % args.eval_every == 0 and rnd < cfg.federation.rounds:
+        print(f"  round {rnd}/{last} ({cfg.stage(rnd)}): {train_seconds:.1f} s of training "
+              "so far", flush=True)  # fmt: skip
+        if args.eval_every and rnd % args.eval_every == 0 and rnd < last and _samples(cfg, rnd):
             point = {"round": rnd, "seconds": round(train_seconds, 1)}
             point |= measure(cfg, evaluator, ema if args.ema > 0 else global_state, False)
             curve.append(point)
@@ -190,6 +199,9 @@ def main() -> None:
     parser.add_argument("--ema", type=float, default=0.0, help="server EMA decay of G (0: off)")
     parser.add_argument("--downstream", action="store_true", help="measure downstream accuracy")
     parser.add_argument("--tag", default="", help="a name for this try in the log")
+    parser.add_argument("--init", help="start from this saved state_dict (from --save)")
+    parser.add_argument("--from-round", type=int, default=1,
+                        help="first round to run (with --init: e.g. a VQ-VAE's first prior round)")  # fmt: skip
     parser.add_argument("--save", help="write the final state_dict here (and a .png grid)")
     parser.add_argument("--log", default="runs/probe_quality.jsonl")
     parser.add_argument("--threads", type=int, default=1)
