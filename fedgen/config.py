@@ -297,6 +297,18 @@ class ModelConfig(_Section):
         64, ge=4, le=1024, description="Code prior (masked PixelCNN) width."
     )
     prior_layers: int = Field(4, ge=2, le=32, description="Code prior masked convolution layers.")
+    prior_temperature: float = Field(
+        1.0,
+        gt=0.0,
+        le=2.0,
+        description="Code prior: sampling temperature (below 1: each code closer to the "
+        "prior's most likely one; post-processing, no privacy cost).",
+    )
+    prior_class_map: bool = Field(
+        True,
+        description="Code prior: the label enters as a map over the code grid (one vector "
+        "per class and position) instead of one vector per class.",
+    )
 
     @model_validator(mode="after")
     def _codes_fit_the_latent(self) -> ModelConfig:
@@ -740,6 +752,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 # resuming, evaluating or verifying the run keeps what it was trained with.
 ADDED_SETTINGS: dict[str, Any] = {
     "model.embedding_wavelet_share": 0.0,  # 2026-11-24: `mmd`'s kernel was joint only
+    "model.prior_class_map": False,  # 2026-11-25: the prior's label was one vector per class
 }
 
 

@@ -357,6 +357,7 @@ class VQVAEWithPrior(nn.Module):
         self.vqvae = VQVAE(cfg)
         self.prior = CodePrior(cfg, num_classes)
         self.num_classes = num_classes
+        self.temperature = cfg.prior_temperature
 
     @torch.no_grad()
     def sample(
@@ -364,7 +365,7 @@ class VQVAEWithPrior(nn.Module):
     ) -> torch.Tensor:
         was_training = self.training
         self.eval()
-        codes = self.prior.sample(labels, generator=generator)
+        codes = self.prior.sample(labels, generator=generator, temperature=self.temperature)
         out = self.vqvae.decode_codes(codes)
         self.train(was_training)
         return out

@@ -261,21 +261,38 @@ class CodePrior(nn.Module):
         self.codebook_size = k
         self.num_classes = num_classes
         self.code_embedding = nn.Embedding(k, c)
-        self.label_embedding = nn.Embedding(num_classes, c)
+        self.class_map = cfg.prior_class_map
+        # A map: what each class looks like where (a per-class template over the grid,
+        # learnt from each example's own class only); otherwise one vector per class.
+        width = c * GRID * GRID if self.class_map else c
+        self.label_embedding = nn.Embedding(num_classes, width)
         rows_up = max(1, (GRID - 1) - (layers - 1))
         self.first = MaskedConv2d(c, c, (2 * rows_up + 1, 2 * (GRID - 1) + 1), "A")
         self.blocks = nn.ModuleList(MaskedConv2d(c, c, (3, 3), "B") for _ in range(layers - 1))
         self.head = nn.Conv2d(c, k, 1)  # 1x1: the position itself only, so still causal
+        # With a class map, also a per-class table of code logits at each position: the
+        # class's marginal over codes there, which the layers above then correct.
+        self.class_logits = nn.Embedding(num_classes, k * GRID * GRID) if self.class_map else None
+        if self.class_logits is not None:
+            nn.init.zeros_(self.class_logits.weight)
 
     def forward(self, codes: Tensor, labels: Tensor) -> Tensor:
         """(B,H,7) codes, (B,) labels -> logits (B, K, H, 7); H=7 in training, fewer rows
         while sampling (outputs never depend on rows below)."""
         x = _nchw(self.code_embedding(codes))
-        cond = self.label_embedding(labels)[:, :, None, None]
+        if self.class_map:
+            cond = self.label_embedding(labels).view(-1, x.shape[1], GRID, GRID)
+            cond = cond[:, :, : codes.shape[1]]  # a function of the label alone: still causal
+        else:
+            cond = self.label_embedding(labels)[:, :, None, None]
         h = self.first(x) + cond
         for block in self.blocks:
             h = h + block(F.leaky_relu(h, 0.2))
-        return self.head(F.leaky_relu(h, 0.2))
+        logits = self.head(F.leaky_relu(h, 0.2))
+        if self.class_logits is not None:
+            table = self.class_logits(labels).view(-1, self.codebook_size, GRID, GRID)
+            logits = logits + table[:, :, : codes.shape[1]]
+        return logits
 
     @torch.no_grad()
     def sample(

@@ -103,7 +103,10 @@ def run_probe(cfg: FedgenConfig, args: argparse.Namespace) -> dict[str, Any]:
     _ = evaluator.evaluator  # train or load the evaluator CNN before the clock starts
     global_state = build_model(cfg.model, NUM_CLASSES, seed=cfg.seed).state_dict()
     if args.init:  # e.g. a VQ-VAE saved after its autoencoder rounds, to probe priors on
-        global_state = torch.load(args.init)
+        saved = torch.load(args.init)  # entries of another shape (a new prior) start fresh
+        global_state |= {
+            k: v for k, v in saved.items() if k in global_state and v.shape == global_state[k].shape
+        }
     ema: State | None = None
     epsilons = [0.0] * len(shards)
     curve: list[dict] = []
@@ -140,9 +143,13 @@ def run_probe(cfg: FedgenConfig, args: argparse.Namespace) -> dict[str, Any]:
             curve.append(point)
             print(f"  round {rnd}: {json.dumps(point)}", flush=True)
     started = time.perf_counter()
-    final = measure(cfg, evaluator, ema if args.ema > 0 else global_state, args.downstream)
+    final = (  # nothing to measure after a VQ-VAE's autoencoder rounds alone
+        measure(cfg, evaluator, ema if args.ema > 0 else global_state, args.downstream)
+        if _samples(cfg, last)
+        else {}
+    )
     eval_seconds = time.perf_counter() - started
-    if args.ema > 0:  # the raw (non-EMA) weights too, to see what the EMA buys
+    if args.ema > 0 and final:  # the raw (non-EMA) weights too, to see what the EMA buys
         final["raw_label_consistency"] = measure(cfg, evaluator, global_state, False)[
             "label_consistency"
         ]
@@ -179,13 +186,14 @@ def log_row(row: dict[str, Any], overrides: list[str], log: str) -> None:
     with open(log, "a") as f:
         f.write(json.dumps(row) + "\n")
     ds = row.get("downstream_accuracy")
+    lc, fd = row.get("label_consistency"), row.get("frechet_distance")
+    quality = "no samples" if lc is None else f"LC {lc:.3f} FD {fd:.1f}"
     print(
         f"[probe] {row['tag'] or '-'} | {' '.join(overrides) or 'defaults'} | clients "
         f"{row['clients']}x{row['client_examples']} rounds {row['rounds']}x{row['local_steps']} "
         f"batch {row['batch_size']} sigma {row['sigma']} eps {row['epsilon']} "
         f"D-params {row['d_params']} | train {row['train_seconds']}s eval "
-        f"{row['eval_seconds']}s | LC {row['label_consistency']:.3f} FD "
-        f"{row['frechet_distance']:.1f}" + ("" if ds is None else f" DS {ds:.3f}"),
+        f"{row['eval_seconds']}s | {quality}" + ("" if ds is None else f" DS {ds:.3f}"),
         flush=True,
     )
 

@@ -99,10 +99,13 @@ def test_vqvae_per_sample_gradients_match_autograd_including_codebook() -> None:
         assert torch.equal(touched, used)
 
 
-def test_prior_per_sample_gradients_match_autograd() -> None:
-    cfg = tiny()
+@pytest.mark.parametrize("class_map", [False, True])
+def test_prior_per_sample_gradients_match_autograd(class_map: bool) -> None:
+    cfg = tiny(f"model.prior_class_map={class_map}")
     torch.manual_seed(1)
     prior = CodePrior(cfg, NUM_CLASSES)
+    if class_map:  # a non-zero table, so that its gradient is not trivially that of zeros
+        nn.init.normal_(prior.class_logits.weight)
     codes = torch.randint(0, cfg.codebook_size, (B, GRID, GRID))
     labels = torch.randint(0, NUM_CLASSES, (B,))
 
@@ -145,6 +148,8 @@ def test_module_validator_accepts_both_models() -> None:
     cfg = ModelConfig(type="vqvae")
     assert ModuleValidator.validate(VQVAE(cfg), strict=False) == []
     assert ModuleValidator.validate(CodePrior(cfg), strict=False) == []
+    mapped = ModelConfig(type="vqvae", prior_class_map=True)
+    assert ModuleValidator.validate(CodePrior(mapped), strict=False) == []
 
 
 def test_shapes_and_ranges() -> None:
@@ -183,11 +188,15 @@ def test_groups_must_divide_width() -> None:
         VQVAE(tiny("model.vq_channels=10"))
 
 
-@pytest.mark.parametrize("layers", [2, 3, 4, 7])
-def test_prior_is_causal_and_sees_every_earlier_position(layers: int) -> None:
-    cfg = tiny(f"model.prior_layers={layers}")
+@pytest.mark.parametrize(
+    ("layers", "class_map"), [(2, False), (3, False), (4, False), (7, False), (3, True), (4, True)]
+)
+def test_prior_is_causal_and_sees_every_earlier_position(layers: int, class_map: bool) -> None:
+    cfg = tiny(f"model.prior_layers={layers}", f"model.prior_class_map={class_map}")
     torch.manual_seed(2)
     prior = CodePrior(cfg, NUM_CLASSES).double()  # float64: "unchanged" is then clear-cut
+    if class_map:
+        nn.init.normal_(prior.class_logits.weight)
     base = torch.randint(0, cfg.codebook_size, (1, GRID, GRID))
     label = torch.tensor([3])
     n = GRID * GRID
