@@ -255,3 +255,19 @@ def test_training_lowers_the_losses() -> None:
         prior_loss(prior, codes, labels).backward()
         opt.step()
     assert float(prior_loss(prior, codes, labels).detach()) < first
+
+
+def test_the_configured_temperature_sharpens_the_samples() -> None:
+    # model.prior_temperature reaches the sampler: near 0 every draw is the prior's most
+    # likely code (all samples of a class alike), at 1 the draws vary.
+    from fedgen.models import build_model
+
+    labels = torch.full((32,), 3)
+    spread = {}
+    for t in (1.0, 1e-4):
+        model = build_model(tiny(f"model.prior_temperature={t}"), NUM_CLASSES, seed=5)
+        with torch.no_grad():  # peaked but not degenerate logits
+            nn.init.normal_(model.prior.class_logits.weight, std=3.0)
+        images = model.sample(labels, torch.Generator().manual_seed(0))
+        spread[t] = float((images - images.mean(0)).abs().amax())
+    assert spread[1e-4] < 1e-6 < spread[1.0]
