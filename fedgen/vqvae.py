@@ -237,12 +237,24 @@ def _masked_conv_grad_sample(
     loss at its outputs (already scaled by Opacus for the loss reduction). Works for an
     empty batch, where functorch's vmap fails."""
     x = activations[0]
+    b, cin = x.shape[:2]
+    cout = layer.weight.shape[0]
     kh, kw = layer.kernel_size
-    # (B, Cin*kh*kw, H*W): the input patch each output position sees.
-    patches = F.unfold(x, (kh, kw), padding=(kh // 2, kw // 2))
+    rows, cols = kh // 2, kw // 2  # kernel rows above the centre, columns either side
+    same_row = cols + (layer.mask_type == "B")  # kernel columns seen in the centre row
     grad_out = backprops.flatten(2)  # (B, Cout, H*W)
-    grad_weight = torch.einsum("bol,bil->boi", grad_out, patches)
-    grad_weight = grad_weight.view(x.shape[0], *layer.weight.shape) * layer.mask()
+    # Only the unmasked part of the kernel is computed (about half of it): the masked
+    # entries' gradient is exactly 0. Each part is an unfold of the input shifted so that
+    # output position (y, x) sees just what that part of the kernel covers.
+    grad_weight = x.new_zeros(b, *layer.weight.shape)
+    if rows:  # the rows above, every column: input rows y-rows..y-1
+        above = F.unfold(F.pad(x, (cols, cols, rows, -1)), (rows, kw))
+        part = torch.einsum("bol,bil->boi", grad_out, above)
+        grad_weight[:, :, :, :rows] = part.view(b, cout, cin, rows, kw)
+    if same_row:  # the centre row, left of the centre (and the centre itself for "B")
+        left = F.unfold(F.pad(x, (cols, same_row - 1 - cols, 0, 0)), (1, same_row))
+        part = torch.einsum("bol,bil->boi", grad_out, left)
+        grad_weight[:, :, :, rows, :same_row] = part.view(b, cout, cin, same_row)
     return {layer.weight: grad_weight, layer.bias: grad_out.sum(2)}
 
 
