@@ -304,6 +304,15 @@ class ModelConfig(_Section):
         description="Code prior: sampling temperature (below 1: each code closer to the "
         "prior's most likely one; post-processing, no privacy cost).",
     )
+    prior_guidance: float = Field(
+        0.0,
+        ge=0.0,
+        le=10.0,
+        description="Code prior: sampling guidance towards the label, each code drawn "
+        "from p(code | label)^(1+g) / p(code)^g with p(code) the prior's average over the "
+        "classes (post-processing, no privacy cost; sampling then runs the prior's layers "
+        "after the first once per class).",
+    )
     prior_class_map: bool = Field(
         True,
         description="Code prior: the label enters as a map over the code grid (one vector "

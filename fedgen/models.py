@@ -358,6 +358,7 @@ class VQVAEWithPrior(nn.Module):
         self.prior = CodePrior(cfg, num_classes)
         self.num_classes = num_classes
         self.temperature = cfg.prior_temperature
+        self.guidance = cfg.prior_guidance
 
     @torch.no_grad()
     def sample(
@@ -365,7 +366,9 @@ class VQVAEWithPrior(nn.Module):
     ) -> torch.Tensor:
         was_training = self.training
         self.eval()
-        codes = self.prior.sample(labels, generator=generator, temperature=self.temperature)
+        codes = self.prior.sample(
+            labels, generator=generator, temperature=self.temperature, guidance=self.guidance
+        )
         out = self.vqvae.decode_codes(codes)
         self.train(was_training)
         return out

@@ -291,20 +291,42 @@ class CodePrior(nn.Module):
     def forward(self, codes: Tensor, labels: Tensor) -> Tensor:
         """(B,H,7) codes, (B,) labels -> logits (B, K, H, 7); H=7 in training, fewer rows
         while sampling (outputs never depend on rows below)."""
-        x = _nchw(self.code_embedding(codes))
+        return self._given_label(self.first(_nchw(self.code_embedding(codes))), labels)
+
+    def _given_label(self, h: Tensor, labels: Tensor) -> Tensor:
+        """The label's part: everything after the first (label-free) layer's output `h`."""
+        rows = h.shape[2]
         if self.class_map:
-            cond = self.label_embedding(labels).view(-1, x.shape[1], GRID, GRID)
-            cond = cond[:, :, : codes.shape[1]]  # a function of the label alone: still causal
+            cond = self.label_embedding(labels).view(-1, h.shape[1], GRID, GRID)
+            cond = cond[:, :, :rows]  # a function of the label alone: still causal
         else:
             cond = self.label_embedding(labels)[:, :, None, None]
-        h = self.first(x) + cond
+        h = h + cond
         for block in self.blocks:
             h = h + block(F.leaky_relu(h, 0.2))
         logits = self.head(F.leaky_relu(h, 0.2))
         if self.class_logits is not None:
             table = self.class_logits(labels).view(-1, self.codebook_size, GRID, GRID)
-            logits = logits + table[:, :, : codes.shape[1]]
+            logits = logits + table[:, :, :rows]
         return logits
+
+    def guided_log_probs(self, codes: Tensor, labels: Tensor, guidance: float) -> Tensor:
+        """Log-probabilities (B, K, H, 7) of each code given the earlier ones, guided
+        towards the label: log p(code | label) + guidance * (log p(code | label) -
+        log p(code)), where p(code) is the prior's own average over the classes (each
+        equally likely). That is classifier-free guidance with no separate unconditional
+        model: the prior's class-conditionals are its classifier. guidance 0 is the prior.
+        """
+        logp = self(codes, labels).log_softmax(1)
+        if guidance == 0:
+            return logp
+        b, n = codes.shape[0], self.num_classes
+        # The first layer reads codes only: computed once, the rest once per class.
+        h = self.first(_nchw(self.code_embedding(codes)))
+        every = torch.arange(n, device=labels.device).repeat_interleave(b)
+        per_class = self._given_label(h.repeat(n, 1, 1, 1), every).log_softmax(1)
+        unconditional = per_class.view(n, b, *per_class.shape[1:]).logsumexp(0) - math.log(n)
+        return logp + guidance * (logp - unconditional)
 
     @torch.no_grad()
     def sample(
@@ -312,10 +334,14 @@ class CodePrior(nn.Module):
         labels: Tensor,
         generator: torch.Generator | None = None,
         temperature: float = 1.0,
+        guidance: float = 0.0,
     ) -> Tensor:
-        """Draw (B,7,7) codes for `labels`, one position at a time in raster order."""
+        """Draw (B,7,7) codes for `labels`, one position at a time in raster order, from
+        `guided_log_probs` at `temperature`."""
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        if guidance < 0:
+            raise ValueError(f"guidance must be >= 0, got {guidance}")
         device = self.head.weight.device
         labels = labels.to(device)
         codes = torch.zeros(labels.shape[0], GRID, GRID, dtype=torch.long, device=device)
@@ -323,8 +349,8 @@ class CodePrior(nn.Module):
         for r in range(GRID):
             for col in range(GRID):
                 # Rows below r cannot influence row r, so they need not be computed.
-                logits = self(codes[:, : r + 1], labels)[:, :, r, col] / temperature
-                probs = logits.softmax(1).to(draw_device)
+                logp = self.guided_log_probs(codes[:, : r + 1], labels, guidance)
+                probs = (logp[:, :, r, col] / temperature).softmax(1).to(draw_device)
                 drawn = torch.multinomial(probs, 1, generator=generator).squeeze(1)
                 codes[:, r, col] = drawn.to(device)
         return codes
