@@ -284,8 +284,9 @@ class CodePrior(nn.Module):
         self.head = nn.Conv2d(c, k, 1)  # 1x1: the position itself only, so still causal
         # With a class map, also a per-class table of code logits at each position: the
         # class's marginal over codes there, which the layers above then correct.
-        self.class_logits = nn.Embedding(num_classes, k * GRID * GRID) if self.class_map else None
-        if self.class_logits is not None:
+        self.class_logits: nn.Embedding | None = None
+        if self.class_map:
+            self.class_logits = nn.Embedding(num_classes, k * GRID * GRID)
             nn.init.zeros_(self.class_logits.weight)
 
     def forward(self, codes: Tensor, labels: Tensor) -> Tensor:
@@ -317,15 +318,17 @@ class CodePrior(nn.Module):
         equally likely). That is classifier-free guidance with no separate unconditional
         model: the prior's class-conditionals are its classifier. guidance 0 is the prior.
         """
-        logp = self(codes, labels).log_softmax(1)
         if guidance == 0:
-            return logp
+            return self(codes, labels).log_softmax(1)
         b, n = codes.shape[0], self.num_classes
-        # The first layer reads codes only: computed once, the rest once per class.
+        # The first layer reads codes only: computed once, the rest once per class; each
+        # example's own conditional is its label's row of that.
         h = self.first(_nchw(self.code_embedding(codes)))
         every = torch.arange(n, device=labels.device).repeat_interleave(b)
         per_class = self._given_label(h.repeat(n, 1, 1, 1), every).log_softmax(1)
-        unconditional = per_class.view(n, b, *per_class.shape[1:]).logsumexp(0) - math.log(n)
+        per_class = per_class.view(n, b, *per_class.shape[1:])
+        logp = per_class[labels, torch.arange(b, device=labels.device)]
+        unconditional = per_class.logsumexp(0) - math.log(n)
         return logp + guidance * (logp - unconditional)
 
     @torch.no_grad()
