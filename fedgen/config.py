@@ -407,9 +407,10 @@ class TrainingConfig(_Section):
     )
     keep_optimizer_state: bool | None = Field(
         None,
-        description="GAN and `mmd`: each client keeps its Adam state (built from noised or "
+        description="Each client keeps its Adam state (built from noised or "
         "post-processing gradients only) from one round to the next instead of restarting "
-        "it; the state never leaves the client. Unset: false for `gan`, true for `mmd`.",
+        "it; the state never leaves the client. A VQ-VAE keeps one per stage. Unset: false "
+        "for `gan` and `vqvae`, true for `mmd`.",
     )
     mmd_samples_per_class: int = Field(
         10,

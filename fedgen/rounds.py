@@ -143,7 +143,8 @@ def client_round(
     optimizer_state: dict[str, torch.Tensor] | None = None,
 ) -> tuple[LocalResult, ClientPrivacyState]:
     """Train the global model on one client's data for one round of its stage.
-    `optimizer_state`: what this client kept from its previous round (GAN only)."""
+    `optimizer_state`: what this client kept from its previous round, when the config
+    keeps client state."""
     stage = cfg.stage(server_round)
     steps = cfg.local_steps_for(stage)
     spent = sum(h[2] for h in privacy.history)
@@ -187,7 +188,17 @@ def client_round(
         )
     else:
         result = _train_vqvae_stage(
-            cfg, model, stage, steps, images, labels, privacy, device, seed, proximal_mu
+            cfg,
+            model,
+            stage,
+            steps,
+            images,
+            labels,
+            privacy,
+            device,
+            seed,
+            proximal_mu,
+            (optimizer_state or {}) if cfg.keeps_client_state else None,
         )
     stage_steps = dict(privacy.stage_steps)
     if cfg.privacy.enabled:
@@ -222,10 +233,13 @@ def _train_vqvae_stage(
     device: torch.device,
     seed: int,
     proximal_mu: float,
+    optimizer_state: dict[str, torch.Tensor] | None,
 ) -> LocalResult:
     """A VQ-VAE round trains the whole autoencoder with DP-SGD (every part of it touches
     private images); a prior round encodes the client's images with the global encoder,
-    on the client, and trains the prior on those codes with DP-SGD."""
+    on the client, and trains the prior on those codes with DP-SGD. `optimizer_state`
+    (None: not kept): the client's Adam state from its last round; a state kept for the
+    other stage does not match (its prefix is the stage's) and Adam starts afresh."""
     tr = cfg.training
     if stage == "vqvae":
         module: torch.nn.Module = model.vqvae
@@ -240,7 +254,7 @@ def _train_vqvae_stage(
         codes = encode_codes(model.vqvae, images.to(device)).cpu()  # private: never sent
         module, tensors, lr = model.prior, (codes, labels), tr.lr_prior
         loss_fn = prior_loss
-    history = train_dp_locally(
+    done = train_dp_locally(
         module,
         tensors,
         loss_fn,
@@ -255,9 +269,11 @@ def _train_vqvae_stage(
         proximal_mu,
         tr.physical_batch_size,
         privacy.sample_rate,
+        optimizer_state,
+        state_prefix=stage,
     )
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return LocalResult(state, {"steps": float(steps)}, history)
+    return LocalResult(state, {"steps": float(steps)}, done.history, done.optimizer_state)
 
 
 def latest_clients(entries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -27,6 +27,7 @@ import contextlib
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,7 @@ from fedgen.privacy import HistoryEntry
 from fedgen.secure_random import SecureRandom
 
 __all__ = [
+    "DPRound",
     "LocalResult",
     "resolve_device",
     "train_dp_locally",
@@ -72,6 +74,14 @@ class LocalResult:
     # The client's optimizer state after the round (flat tensors), for the client to keep;
     # it is never sent (see `export_adam`).
     optimizer_state: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class DPRound(NamedTuple):
+    """What `train_dp_locally` returns: the accountant history after the round, and the
+    Adam state a client keeps (empty unless it asked to keep one)."""
+
+    history: list[HistoryEntry]
+    optimizer_state: dict[str, torch.Tensor]
 
 
 def export_adam(optimizer: torch.optim.Optimizer, prefix: str) -> dict[str, torch.Tensor]:
@@ -514,16 +524,23 @@ def train_dp_locally(
     proximal_mu: float = 0.0,
     physical_batch_size: int | None = None,
     sample_rate: float | None = None,
-) -> list[HistoryEntry]:
+    optimizer_state: dict[str, torch.Tensor] | None = None,
+    state_prefix: str = "m",
+) -> DPRound:
     """Plain DP-SGD (Adam) on `module` for `steps` Poisson-sampled batches of `tensors`:
     every parameter's per-example gradient is clipped and noised. `loss_fn(module, *batch)`
-    returns the batch-mean loss. Returns the accountant history after this round. No
-    training statistic is returned: they are computed on private data."""
+    returns the batch-mean loss. Returns the accountant history after this round and,
+    when `optimizer_state` is given (a client keeping its Adam moments; `{}` on its first
+    round), Adam's state to keep, under `state_prefix`. No training statistic is returned:
+    they are computed on private data."""
     torch.manual_seed(seed)
     module.to(device).train()
     anchors = {id(p): p.detach().clone() for p in module.parameters()}
     prox = _proximal(proximal_mu, anchors)
     opt: torch.optim.Optimizer = torch.optim.Adam(module.parameters(), lr=lr)
+    if optimizer_state:  # before Opacus wraps it: the state belongs to the plain Adam
+        import_adam(opt, state_prefix, optimizer_state)
+    plain = opt
     wrapped, opt, batches, record = _maybe_private(
         module, opt, tensors, batch_size, privacy, noise_multiplier, history, seed, sample_rate
     )
@@ -551,4 +568,5 @@ def train_dp_locally(
     finally:
         if isinstance(wrapped, GradSampleModule):
             wrapped._close()
-    return _history_after(record, history)
+    kept = export_adam(plain, state_prefix) if optimizer_state is not None else {}
+    return DPRound(_history_after(record, history), kept)

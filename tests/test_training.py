@@ -184,7 +184,7 @@ def test_physical_batches_in_plain_dp_sgd(enabled):
             seed=7,
             physical_batch_size=physical,
         )
-        return _flat(net), history
+        return _flat(net), history.history
 
     (whole, h1), (chunked, h2) = run(None), run(10)
     torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-6)

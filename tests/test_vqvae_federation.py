@@ -63,6 +63,44 @@ def test_both_stages_spend_one_planned_budget():
     assert 0.98 * cfg.privacy.target_epsilon <= eps <= cfg.privacy.target_epsilon
 
 
+def test_a_client_keeps_one_adam_state_per_stage_when_asked():
+    """keep_optimizer_state on a VQ-VAE: each stage continues its own Adam moments from
+    the client's previous round of that stage; off, nothing is kept."""
+    cfg = small_config(
+        *VQ_SMALL, "federation.rounds=1", "federation.prior_rounds=2",
+        "training.prior_local_steps=3", "training.keep_optimizer_state=true",
+        "privacy.reproducible_noise=true",  # the restart below differs by its moments only
+    )  # fmt: skip
+    data = client_partition(cfg, 0, cfg.federation.num_clients)
+    plan = plan_privacy(cfg, len(data))
+    weights = build_model(cfg.model, seed=0).state_dict()
+    kept: dict[str, torch.Tensor] = {}
+    stages = []
+    for rnd in range(1, cfg.total_rounds + 1):
+        result, plan = client_round(
+            cfg, weights, data, plan, seed=rnd, server_round=rnd, optimizer_state=kept
+        )
+        prefixes = {k.split(".", 1)[0] for k in result.optimizer_state}
+        steps = {int(v) for k, v in result.optimizer_state.items() if k.endswith(".step")}
+        stages.append((prefixes, steps))
+        before_prior, weights, kept = weights, result.state_dict, result.optimizer_state
+    # The prior's second round continued from its first (step counts 3 then 6); the
+    # autoencoder's state did not carry into the prior.
+    assert stages == [({"vqvae"}, {4}), ({"prior"}, {3}), ({"prior"}, {6})]
+    # Continuing is not restarting: the same last round from fresh moments differs.
+    restarted, _ = client_round(
+        cfg, before_prior, data, plan_privacy(cfg, len(data)), seed=cfg.total_rounds,
+        server_round=cfg.total_rounds, optimizer_state={},
+    )  # fmt: skip
+    assert any(
+        not torch.equal(restarted.state_dict[k], weights[k]) for k in weights if "prior" in k
+    )
+    off = small_config(*VQ_SMALL)
+    result, _ = client_round(off, weights, data, plan_privacy(off, len(data)), seed=1,
+                             optimizer_state={})  # fmt: skip
+    assert result.optimizer_state == {}
+
+
 @pytest.fixture(scope="module")
 def vq_run(tmp_path_factory, mnist_dir):
     out = tmp_path_factory.mktemp("vq") / "run"
