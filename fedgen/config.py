@@ -318,6 +318,16 @@ class ModelConfig(_Section):
         description="Code prior: the label enters as a map over the code grid (one vector "
         "per class and position) instead of one vector per class.",
     )
+    prior_label_scale: float = Field(
+        1.0,
+        gt=0.0,
+        le=1000.0,
+        description="Code prior: the label's tables (its map or vector, and its code logits) "
+        "enter multiplied by this, their weights divided by it, so the prior starts as the "
+        "same function. Above 1 their per-example gradients take a larger share of the "
+        "clipping norm under DP-SGD (an example touches only its own class's rows, so "
+        "they get a small one) and move further per Adam step.",
+    )
 
     @model_validator(mode="after")
     def _codes_fit_the_latent(self) -> ModelConfig:

@@ -10,12 +10,12 @@ gradients under Opacus (hooks mode):
 - No EMA codebook update: it would read private data outside DP-SGD.
 - GroupNorm instead of BatchNorm, Upsample + Conv2d instead of ConvTranspose2d, no in-place
   activations.
-- The prior's masked convolution is a small custom module with its own registered
-  per-example gradient (an unfold + einsum, like Opacus's Conv2d one, times the mask).
-  Opacus's fallback for unknown layers, functorch, is exact too but crashes on the empty
-  batches Poisson sampling draws. The mask is not a buffer (the functorch path, should it
-  ever be used, rejects layers with buffers). The prior has no normalisation layer:
-  GroupNorm's statistics over the grid would leak later codes into earlier positions.
+- The prior's masked convolution is a small custom module whose parameters are only the
+  kernel's unmasked part, with its own registered per-example gradient (an unfold + batched
+  matmul per part, like Opacus's Conv2d one). Opacus's fallback for unknown layers,
+  functorch, is exact too but crashes on the empty batches Poisson sampling draws. The
+  prior has no normalisation layer: GroupNorm's statistics over the grid would leak later
+  codes into earlier positions.
 """
 
 from __future__ import annotations
@@ -194,6 +194,12 @@ class MaskedConv2d(nn.Module):
     order: the rows above (within the kernel), the same row to the left and, for mask "B",
     the position itself. "A" (no centre) is for the first layer, which reads the codes.
 
+    Only the kernel's unmasked part exists, as two parameters: `weight_above` (the kernel
+    rows above the centre, every column) and `weight_row` (the centre row's columns up to
+    the centre). A masked kernel that multiplied a full weight by zeros would spend about
+    half of every forward, backward and per-example gradient on entries that do nothing,
+    and DP noise on them. `weight` assembles the full masked kernel, for reading.
+
     Not an nn.Conv2d subclass, so Opacus cannot mistake it for a plain convolution; its
     per-example gradient is `_masked_conv_grad_sample` below."""
 
@@ -204,29 +210,70 @@ class MaskedConv2d(nn.Module):
         kh, kw = kernel_size
         if kh % 2 == 0 or kw % 2 == 0 or mask_type not in ("A", "B"):
             raise ValueError(f"MaskedConv2d needs odd kernel sides and mask A or B, got {kh}x{kw}")
+        if (kh, kw, mask_type) == (1, 1, "A"):
+            raise ValueError(
+                "a 1x1 MaskedConv2d with mask A sees nothing; use mask B or a wider kernel"
+            )
         self.kernel_size = (kh, kw)
         self.mask_type = mask_type
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kh, kw))
+        self.rows_above = kh // 2
+        self.row_width = kw // 2 + (mask_type == "B")  # centre-row columns it sees
+        above = torch.empty(out_channels, in_channels, self.rows_above, kw)
+        row = torch.empty(out_channels, in_channels, 1, self.row_width)
+        self.weight_above = nn.Parameter(above) if self.rows_above else None
+        self.weight_row = nn.Parameter(row) if self.row_width else None
         self.bias = nn.Parameter(torch.empty(out_channels))
         # nn.Conv2d's default initialisation, scaled to the unmasked fan-in.
-        fan_in = in_channels * ((kh // 2) * kw + kw // 2 + (mask_type == "B"))
-        bound = 1.0 / math.sqrt(fan_in)
-        nn.init.uniform_(self.weight, -bound, bound)
-        nn.init.uniform_(self.bias, -bound, bound)
+        bound = 1.0 / math.sqrt(in_channels * (self.rows_above * kw + self.row_width))
+        for p in self.parameters():
+            nn.init.uniform_(p, -bound, bound)
+        self._register_load_state_dict_pre_hook(self._from_masked_weight)
 
-    def mask(self) -> Tensor:
-        # Rebuilt per call rather than stored: a buffer would travel in every state_dict
-        # (and Opacus's functorch path rejects layers with buffers); a plain tensor
-        # attribute would not follow .to(device). It is a few dozen numbers.
-        kh, kw = self.kernel_size
-        m = torch.zeros(kh, kw, device=self.weight.device, dtype=self.weight.dtype)
-        m[: kh // 2] = 1.0
-        m[kh // 2, : kw // 2 + (self.mask_type == "B")] = 1.0
-        return m
+    def _pads(self) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]]:
+        """F.pad amounts that shift the input so that a plain (valid) convolution with
+        `weight_above` / `weight_row` sees, at output (y, x), exactly the rows y-rows..y-1 /
+        the columns x-cols..x-cols+row_width-1 of row y."""
+        cols = self.kernel_size[1] // 2
+        return (cols, cols, self.rows_above, -1), (cols, self.row_width - 1 - cols, 0, 0)
 
     def forward(self, x: Tensor) -> Tensor:
+        pad_above, pad_row = self._pads()
+        out = self.bias[:, None, None]
+        if self.weight_above is not None:
+            out = out + F.conv2d(F.pad(x, pad_above), self.weight_above)
+        if self.weight_row is not None:
+            out = out + F.conv2d(F.pad(x, pad_row), self.weight_row)
+        return out
+
+    @property
+    def weight(self) -> Tensor:
+        """The full (out, in, kh, kw) kernel, masked entries 0 (a copy, for reading)."""
         kh, kw = self.kernel_size
-        return F.conv2d(x, self.weight * self.mask(), self.bias, padding=(kh // 2, kw // 2))
+        ref = self.bias
+        full = ref.new_zeros(ref.shape[0], self._in_channels(), kh, kw)
+        if self.weight_above is not None:
+            full[:, :, : self.rows_above] = self.weight_above.detach()
+        if self.weight_row is not None:
+            full[:, :, self.rows_above, : self.row_width] = self.weight_row.detach()[:, :, 0]
+        return full
+
+    def _in_channels(self) -> int:
+        part = self.weight_above if self.weight_above is not None else self.weight_row
+        assert part is not None  # the constructor refuses a layer with neither
+        return part.shape[1]
+
+    def _from_masked_weight(self, state_dict: dict[str, Tensor], prefix: str, *_: object) -> None:
+        """Weights saved before the kernel was split (one masked `weight`) load as its
+        unmasked parts: the masked entries were multiplied by 0, so nothing is lost."""
+        full = state_dict.pop(prefix + "weight", None)
+        if full is None:
+            return
+        if self.weight_above is not None:
+            state_dict[prefix + "weight_above"] = full[:, :, : self.rows_above].clone()
+        if self.weight_row is not None:
+            state_dict[prefix + "weight_row"] = full[
+                :, :, self.rows_above : self.rows_above + 1, : self.row_width
+            ].clone()
 
 
 @register_grad_sampler(MaskedConv2d)
@@ -234,28 +281,21 @@ def _masked_conv_grad_sample(
     layer: MaskedConv2d, activations: list[Tensor], backprops: Tensor
 ) -> dict[nn.Parameter, Tensor]:
     """Per-example gradients of a MaskedConv2d, given its inputs and the gradient of the
-    loss at its outputs (already scaled by Opacus for the loss reduction). Works for an
-    empty batch, where functorch's vmap fails."""
+    loss at its outputs (already scaled by Opacus for the loss reduction): for each part,
+    the unfolded shifted input (what that part of the kernel covers at each output
+    position) against the output gradient, as Opacus does for Conv2d. Works for an empty
+    batch, where functorch's vmap fails."""
     x = activations[0]
-    b, cin = x.shape[:2]
-    cout = layer.weight.shape[0]
-    kh, kw = layer.kernel_size
-    rows, cols = kh // 2, kw // 2  # kernel rows above the centre, columns either side
-    same_row = cols + (layer.mask_type == "B")  # kernel columns seen in the centre row
+    b = x.shape[0]
     grad_out = backprops.flatten(2)  # (B, Cout, H*W)
-    # Only the unmasked part of the kernel is computed (about half of it): the masked
-    # entries' gradient is exactly 0. Each part is an unfold of the input shifted so that
-    # output position (y, x) sees just what that part of the kernel covers.
-    grad_weight = x.new_zeros(b, *layer.weight.shape)
-    if rows:  # the rows above, every column: input rows y-rows..y-1
-        above = F.unfold(F.pad(x, (cols, cols, rows, -1)), (rows, kw))
-        part = torch.einsum("bol,bil->boi", grad_out, above)
-        grad_weight[:, :, :, :rows] = part.view(b, cout, cin, rows, kw)
-    if same_row:  # the centre row, left of the centre (and the centre itself for "B")
-        left = F.unfold(F.pad(x, (cols, same_row - 1 - cols, 0, 0)), (1, same_row))
-        part = torch.einsum("bol,bil->boi", grad_out, left)
-        grad_weight[:, :, :, rows, :same_row] = part.view(b, cout, cin, same_row)
-    return {layer.weight: grad_weight, layer.bias: grad_out.sum(2)}
+    grads = {layer.bias: grad_out.sum(2)}
+    pad_above, pad_row = layer._pads()
+    for weight, pad in ((layer.weight_above, pad_above), (layer.weight_row, pad_row)):
+        if weight is None:
+            continue
+        patches = F.unfold(F.pad(x, pad), weight.shape[2:])  # (B, Cin*kh*kw, H*W)
+        grads[weight] = torch.bmm(grad_out, patches.transpose(1, 2)).view(b, *weight.shape)
+    return grads
 
 
 class CodePrior(nn.Module):
@@ -278,6 +318,12 @@ class CodePrior(nn.Module):
         # learnt from each example's own class only); otherwise one vector per class.
         width = c * GRID * GRID if self.class_map else c
         self.label_embedding = nn.Embedding(num_classes, width)
+        # The label's tables enter scaled by label_scale, their weights divided by it: the
+        # same function, a larger share of each clipped per-example gradient (see
+        # ModelConfig.prior_label_scale).
+        self.label_scale = cfg.prior_label_scale
+        with torch.no_grad():
+            self.label_embedding.weight.div_(self.label_scale)
         rows_up = max(1, (GRID - 1) - (layers - 1))
         self.first = MaskedConv2d(c, c, (2 * rows_up + 1, 2 * (GRID - 1) + 1), "A")
         self.blocks = nn.ModuleList(MaskedConv2d(c, c, (3, 3), "B") for _ in range(layers - 1))
@@ -302,13 +348,13 @@ class CodePrior(nn.Module):
             cond = cond[:, :, :rows]  # a function of the label alone: still causal
         else:
             cond = self.label_embedding(labels)[:, :, None, None]
-        h = h + cond
+        h = h + self.label_scale * cond
         for block in self.blocks:
             h = h + block(F.leaky_relu(h, 0.2))
         logits = self.head(F.leaky_relu(h, 0.2))
         if self.class_logits is not None:
             table = self.class_logits(labels).view(-1, self.codebook_size, GRID, GRID)
-            logits = logits + table[:, :, :rows]
+            logits = logits + self.label_scale * table[:, :, :rows]
         return logits
 
     def guided_log_probs(self, codes: Tensor, labels: Tensor, guidance: float) -> Tensor:

@@ -112,7 +112,9 @@ def run_probe(cfg: FedgenConfig, args: argparse.Namespace) -> dict[str, Any]:
     curve: list[dict] = []
     train_seconds = 0.0
     kept: list[dict[str, torch.Tensor]] = [{} for _ in shards]  # each client's optimizer
-    last = cfg.total_rounds  # a VQ-VAE's prior rounds follow its autoencoder rounds
+    # A VQ-VAE's prior rounds follow its autoencoder rounds; --to-round stops early (e.g.
+    # after the autoencoder) with the noise still planned for every round of the config.
+    last = args.to_round or cfg.total_rounds
     for rnd in range(args.from_round, last + 1):
         started = time.perf_counter()
         states, sizes = [], []
@@ -210,6 +212,8 @@ def main() -> None:
     parser.add_argument("--init", help="start from this saved state_dict (from --save)")
     parser.add_argument("--from-round", type=int, default=1,
                         help="first round to run (with --init: e.g. a VQ-VAE's first prior round)")  # fmt: skip
+    parser.add_argument("--to-round", type=int, default=0,
+                        help="last round to run (default: the config's last)")  # fmt: skip
     parser.add_argument("--save", help="write the final state_dict here (and a .png grid)")
     parser.add_argument("--log", default="runs/probe_quality.jsonl")
     parser.add_argument("--threads", type=int, default=1)

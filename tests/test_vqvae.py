@@ -17,6 +17,7 @@ from fedgen.vqvae import (
     GRID,
     VQVAE,
     CodePrior,
+    MaskedConv2d,
     codebook_stats,
     encode_codes,
     prior_loss,
@@ -99,9 +100,9 @@ def test_vqvae_per_sample_gradients_match_autograd_including_codebook() -> None:
         assert torch.equal(touched, used)
 
 
-@pytest.mark.parametrize("class_map", [False, True])
-def test_prior_per_sample_gradients_match_autograd(class_map: bool) -> None:
-    cfg = tiny(f"model.prior_class_map={class_map}")
+@pytest.mark.parametrize(("class_map", "label_scale"), [(False, 1.0), (True, 1.0), (True, 5.0)])
+def test_prior_per_sample_gradients_match_autograd(class_map: bool, label_scale: float) -> None:
+    cfg = tiny(f"model.prior_class_map={class_map}", f"model.prior_label_scale={label_scale}")
     torch.manual_seed(1)
     prior = CodePrior(cfg, NUM_CLASSES)
     if class_map:  # a non-zero table, so that its gradient is not trivially that of zeros
@@ -218,6 +219,63 @@ def test_prior_is_causal_and_sees_every_earlier_position(layers: int, class_map:
         full = prior(base, label)
         for r in range(GRID):
             torch.testing.assert_close(prior(base[:, : r + 1], label)[:, :, r], full[:, :, r])
+
+
+@pytest.mark.parametrize(
+    ("kernel", "mask"), [((7, 13), "A"), ((3, 3), "B"), ((1, 3), "A"), ((3, 1), "A")]
+)
+def test_masked_convolution_is_a_convolution_with_the_masked_kernel(kernel, mask) -> None:
+    """The split kernel (only its unmasked part is a parameter) computes what a plain
+    convolution with the full kernel, masked entries 0, computes; and a full kernel saved
+    before the split loads into it, whatever its masked entries held."""
+    torch.manual_seed(5)
+    layer = MaskedConv2d(4, 6, kernel, mask).double()
+    kh, kw = kernel
+    x = torch.randn(3, 4, GRID, GRID, dtype=torch.float64)
+    full = layer.weight
+    assert full.shape == (6, 4, kh, kw)
+    masked = torch.zeros(kh, kw, dtype=torch.bool)  # what the layer must not see
+    masked[kh // 2 + 1 :] = True
+    masked[kh // 2, kw // 2 + (mask == "B") :] = True
+    assert bool((full[:, :, masked] == 0).all()) and bool((full[:, :, ~masked] != 0).all())
+    conv = nn.functional.conv2d(x, full, layer.bias, padding=(kh // 2, kw // 2))
+    torch.testing.assert_close(layer(x), conv)
+
+    old = full + torch.randn_like(full) * masked  # a pre-split checkpoint: junk where masked
+    fresh = MaskedConv2d(4, 6, kernel, mask).double()
+    fresh.load_state_dict({"weight": old, "bias": layer.bias.detach()})
+    torch.testing.assert_close(fresh(x), conv)
+    assert set(fresh.state_dict()) == {k for k, _ in fresh.named_parameters()}
+
+
+def test_a_masked_convolution_that_sees_nothing_is_refused() -> None:
+    with pytest.raises(ValueError, match="sees nothing"):
+        MaskedConv2d(2, 2, (1, 1), "A")
+
+
+def test_the_label_scale_keeps_the_function_and_scales_the_label_gradients() -> None:
+    """prior_label_scale s: the label's tables enter times s with weights divided by s, so
+    the prior computes the same function, while the tables' gradients are s times larger
+    (a larger share of the clipped per-example gradient) and every other one is unchanged."""
+    codes = torch.randint(0, 16, (B, GRID, GRID), generator=torch.Generator().manual_seed(6))
+    labels = torch.arange(B) % NUM_CLASSES
+    grads, outputs = [], []
+    for scale in (1.0, 4.0):
+        torch.manual_seed(7)
+        prior = CodePrior(tiny(f"model.prior_label_scale={scale}"), NUM_CLASSES).double()
+        with torch.no_grad():  # the same non-zero table function at both scales
+            table = torch.randn(
+                prior.class_logits.weight.shape, generator=torch.Generator().manual_seed(8)
+            )
+            prior.class_logits.weight.copy_(table / scale)
+        prior_loss(prior, codes, labels).backward()
+        outputs.append(prior(codes, labels).detach())
+        grads.append({n: p.grad for n, p in prior.named_parameters()})
+    torch.testing.assert_close(outputs[1], outputs[0])
+    for name, g in grads[0].items():
+        factor = 4.0 if name.startswith(("label_embedding", "class_logits")) else 1.0
+        torch.testing.assert_close(grads[1][name], factor * g, msg=name)
+        assert g.abs().sum() > 0, name
 
 
 def test_codebook_stats() -> None:
