@@ -94,10 +94,25 @@ class DeviceLedger:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
             self._locked = True
             try:
+                self._remove_partial_writes()
                 yield
             finally:
                 self._locked, self._held = False, None
                 fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+    @property
+    def _partial_prefix(self) -> str:
+        # Temporary files of this device's ledger writes; the dot after the name keeps
+        # device "1" from matching device "10"'s.
+        return f".{self.path.name}."
+
+    def _remove_partial_writes(self) -> None:
+        """Delete what a writer of this device's files (its ledger, its kept reply and
+        optimizer state) left when it was killed before its rename: only the lock holder
+        writes them, so under the lock none is in progress. Each file itself is the old
+        or the new one, never half of either."""
+        for path in self.folder.glob(f".{_safe(self.client_id)}.*.tmp"):
+            path.unlink(missing_ok=True)
 
     def read(self) -> dict[str, Any]:
         """The ledger's content (an empty ledger when this device never trained)."""
@@ -251,7 +266,7 @@ class DeviceLedger:
         self.folder.mkdir(parents=True, exist_ok=True)
         # Write, flush to disk, then rename over the old file: a crash at any point leaves
         # either the old ledger or the new one, never a half-written file.
-        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".ledger-", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=self._partial_prefix, suffix=".tmp")
         try:
             with os.fdopen(fd, "w") as fh:
                 json.dump(content, fh, indent=2)

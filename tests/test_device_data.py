@@ -133,6 +133,29 @@ def test_ledger_holds_every_run_and_composes_them(tmp_path):
     assert closed["closed"] and ledger.run("run-1")["closed"]
 
 
+def test_a_write_cut_short_leaves_no_file_behind_once_the_device_is_back(tmp_path):
+    """A device killed between writing its ledger's temporary file and renaming it leaves
+    that file; the next holder of its lock removes it, and only its own (device "1"
+    never touches device "10"'s, which may be mid-write)."""
+    ledger, other = DeviceLedger(tmp_path, "1"), DeviceLedger(tmp_path, "10")
+    _write(ledger, "run-1", [(1.0, 0.01, 100)])
+    before = ledger.path.read_text()
+    cut_short = tmp_path / f".{ledger.path.name}.k1ll3d.tmp"
+    cut_short.write_text('{"half": ')
+    reply_cut_short = ledger.reply_path.with_name(f".{ledger.reply_path.name}.tmp")
+    reply_cut_short.write_bytes(b"\x00")
+    in_progress = tmp_path / f".{other.path.name}.wr1t1ng.tmp"
+    in_progress.write_text("{")
+    with ledger.locked():
+        assert ledger.run("run-1")["history"] == [[1.0, 0.01, 100]]
+    assert not cut_short.exists() and not reply_cut_short.exists() and in_progress.exists()
+    assert ledger.path.read_text() == before
+    # Its own writes leave nothing behind either.
+    with ledger.locked():
+        _write(ledger, "run-1", [(1.0, 0.01, 200)], server_round=2)
+    assert sorted(p.name for p in tmp_path.glob(".*")) == [in_progress.name]
+
+
 def test_unreadable_ledger_stops_training_instead_of_restarting_from_zero(tmp_path):
     ledger = DeviceLedger(tmp_path, "a")
     ledger.path.write_text("{ not json")
