@@ -475,7 +475,7 @@ def _figure_index(out: Path) -> list[dict[str, str]]:
 
 
 def _finish(result: dict[str, Any], out: Path, started: float) -> dict[str, Any]:
-    from fedgen.reports import write_atomic
+    from fedgen.files import write_atomic
 
     canary = result.get("canaries", {})
     result["verdict"] = (
@@ -617,7 +617,7 @@ def audit_device(
     """A data owner's audit on its own device: the released `weights` against its own
     `data` (training images and members) and `heldout` real images it never trained on."""
     from fedgen.data import load_device_data
-    from fedgen.reports import load_checkpoint
+    from fedgen.files import load_checkpoint
 
     settings = settings or AuditSettings()
     settings.check()
@@ -676,7 +676,7 @@ def compare_runs(main: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
     entry = {"run_dir": other["run_dir"], "label": label[id(other)], "summary": _figures(other)}
     main["compare"] = entry
     main["figures"] = _figure_index(out)
-    from fedgen.reports import write_atomic
+    from fedgen.files import write_atomic
 
     write_atomic(out / "audit.json", json.dumps(main, indent=2))
     return entry

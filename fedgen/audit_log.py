@@ -306,7 +306,7 @@ class AuditLog:
         (its later entries describe rounds that will run again), the way the metrics are
         cut. `saved`: that round's entry as the server state holds it, appended again if a
         crash lost it from the log. Returns the kept entries."""
-        from fedgen.reports import write_atomic  # the run directory's atomic write
+        from fedgen.files import write_atomic  # the run directory's atomic write
 
         lines = self._lines()
         total = len(lines)

@@ -185,7 +185,7 @@ def write_canary_record(cfg: FedgenConfig, run_path: Path) -> Path | None:
         "note": "simulation only: which canaries client 0 trained on; the audit's secret, "
         "never sent in a message",
     }
-    from fedgen.reports import write_atomic  # reports imports heavy modules; only here
+    from fedgen.files import write_atomic  # imports torch; only here
 
     path = Path(run_path) / RECORD
     write_atomic(path, json.dumps(record, indent=1))

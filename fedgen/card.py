@@ -789,7 +789,7 @@ def write_card(
 ) -> tuple[Path, dict[str, Any]]:
     """Build and write the card (default RUN_DIR/card.html); `missing`: run what is
     missing first. Returns the path and the card's data."""
-    from fedgen.reports import write_atomic
+    from fedgen.files import write_atomic
 
     problems = run_missing(run_path) if missing else []
     card = build_card(run_path, ledgers, training_images)

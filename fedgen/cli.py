@@ -21,7 +21,9 @@ if TYPE_CHECKING:
 def _simulate(args: argparse.Namespace) -> int:
     from fedgen.config import load_config, load_run_config, resumable_config
     from fedgen.console import RunConsole, plural
-    from fedgen.reports import RunDir, format_privacy_table, load_privacy_report, write_atomic
+    from fedgen.files import write_atomic
+    from fedgen.privacy_report import format_privacy_table, load_privacy_report
+    from fedgen.reports import RunDir
     from fedgen.rounds import finish_committed_round, preflight
 
     if args.resume:
@@ -135,7 +137,7 @@ class RunFailed(RuntimeError):
 
 
 def _report(args: argparse.Namespace) -> int:
-    from fedgen.reports import format_privacy_table, load_privacy_report
+    from fedgen.privacy_report import format_privacy_table, load_privacy_report
 
     path = Path(args.run_dir)
     if path.is_file() and path.suffix == ".json" or (path.is_dir() and _is_ledger_dir(path)):
@@ -184,7 +186,7 @@ def _sample(args: argparse.Namespace) -> int:
 
     from fedgen.evaluation import class_grid_labels
     from fedgen.models import build_model
-    from fedgen.reports import save_image_grid
+    from fedgen.plots import save_image_grid
 
     run, cfg = _load_run(args.run_dir)
     if cfg.model.type == "vqvae" and cfg.federation.prior_rounds == 0:
@@ -232,9 +234,10 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     import torch
 
-    from fedgen.evaluation import Evaluator
+    from fedgen.evaluation import Evaluator, format_evaluation_table
+    from fedgen.files import write_atomic
     from fedgen.models import build_model
-    from fedgen.reports import format_evaluation_table, load_privacy_report, write_atomic
+    from fedgen.privacy_report import load_privacy_report
 
     run, cfg = _load_run(args.run_dir, args.set)
     round_, state = run.checkpoint(args.checkpoint)
@@ -765,7 +768,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     only when something failed, so the commands that need none of them stay light."""
     from fedgen.config import ConfigError
     from fedgen.data import DataError
-    from fedgen.reports import CheckpointError
+    from fedgen.files import CheckpointError
 
     return (
         ConfigError,

@@ -19,6 +19,7 @@ import torch
 
 from fedgen.config import ConfigError, FedgenConfig
 from fedgen.data import DataError, Dataset
+from fedgen.files import CheckpointError, load_checkpoint, save_tensors
 from fedgen.ledger import DeviceLedger, LedgerError
 from fedgen.policy import (
     Decline,
@@ -29,7 +30,6 @@ from fedgen.policy import (
     plan_for,
     plan_inputs,
 )
-from fedgen.reports import CheckpointError, load_checkpoint, save_tensors
 from fedgen.rounds import ClientPrivacyState, client_round, client_seed
 
 __all__ = ["DeviceReply", "device_round", "close_run", "failure_code", "log"]

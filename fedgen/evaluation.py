@@ -2,7 +2,8 @@
 client's: sample grids for both model families; for the VQ-VAE, reconstruction MSE, PSNR,
 codebook usage and perplexity, with a PNG of originals above reconstructions; and, for
 anything that generates, the quality metrics of `fedgen.quality` (Frechet distance in the
-evaluator's feature space, label consistency, downstream accuracy, optional Inception FID).
+evaluator's feature space, label consistency, downstream accuracy, optional Inception FID);
+and `format_evaluation_table`, those figures as `fedgen evaluate` prints them.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import math
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,11 +19,16 @@ from torch import nn
 
 from fedgen import quality
 from fedgen.config import FedgenConfig
-from fedgen.console import detail
+from fedgen.console import detail, plural
 from fedgen.data import NUM_CLASSES, load_dataset, to_tensors
-from fedgen.reports import save_image_grid
+from fedgen.plots import save_image_grid
 
-__all__ = ["Evaluator", "class_grid_labels", "reconstruction_metrics"]
+__all__ = [
+    "Evaluator",
+    "class_grid_labels",
+    "format_evaluation_table",
+    "reconstruction_metrics",
+]
 
 
 def class_grid_labels(per_class: int, label: int | None = None) -> torch.Tensor:
@@ -176,3 +183,49 @@ class Evaluator:
                 self.real_samples(out / "real.png")
             metrics |= self.quality(model, downstream)
         return metrics
+
+
+_EVALUATION_ROWS = (
+    ("evaluator_test_accuracy", "evaluator accuracy on real test images", "{:.4f}"),
+    ("frechet_distance", "Frechet distance (evaluator features)", "{:.3f}"),
+    ("frechet_generated_samples", "  generated / real samples", None),
+    ("label_consistency", "label consistency", "{:.4f}"),
+    ("inception_fid", "Inception FID", "{:.2f}"),
+    ("downstream_accuracy", "downstream accuracy on real test images", "{:.4f}"),
+    ("downstream_train_examples", "  generated images it was trained on", "{}"),
+    ("downstream_selected_epoch", "  epoch chosen on held-out generated images", "{}"),
+    ("recon_mse", "reconstruction MSE", "{:.5f}"),
+    ("psnr", "reconstruction PSNR (dB)", "{:.2f}"),
+    ("codebook_usage", "codebook usage", "{:.3f}"),
+    ("codebook_perplexity", "codebook perplexity", "{:.2f}"),
+)
+
+
+def format_evaluation_table(result: dict[str, Any]) -> str:
+    """The figures of an evaluation.json as a two-column table."""
+    m, p = result["metrics"], result["privacy"]
+    where = f"{result['partition']}" + (
+        f" alpha {result['dirichlet_alpha']:g}" if result.get("dirichlet_alpha") else ""
+    )
+    eps = (
+        f"epsilon {p['max_epsilon']:.3f} at delta {p['delta']:g} ({p['accountant']})"
+        if p.get("max_epsilon") is not None
+        else ("private (no report yet)" if p["private"] else "non-private")
+    )
+    rows = [
+        ("run", f"{result['model']} on {result['dataset']}, round {result['round']}"),
+        (
+            "federation",
+            f"{plural(result['clients'], 'client')}, {where}, {plural(result['rounds'], 'round')}",
+        ),
+        ("privacy", eps),
+    ]
+    for key, label, fmt in _EVALUATION_ROWS:
+        if key not in m:
+            continue
+        if key == "frechet_generated_samples":
+            rows.append((label, f"{m[key]} / {m['frechet_real_samples']}"))
+        else:
+            rows.append((label, "skipped" if m[key] is None else fmt.format(m[key])))
+    width = max(len(label) for label, _ in rows)
+    return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)

@@ -954,7 +954,7 @@ def explain_model(
     """Draw every figure of `model` (a `ConditionalGAN` or `VQVAEWithPrior` holding the
     released weights of `server_round`) into `out`, write `out / explain.json` and return
     it. `evaluator`: the evaluation side's classifier, for its saliency (None: skipped)."""
-    from fedgen.reports import write_atomic
+    from fedgen.files import write_atomic
 
     settings = settings or ExplainSettings()
     settings.check()

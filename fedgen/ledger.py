@@ -27,14 +27,14 @@ from typing import Any
 import torch
 
 from fedgen.audit_log import chain_problems, ledger_entry, ledger_genesis, seal
-from fedgen.privacy import HistoryEntry, epsilon_of, recompute_recipe
-from fedgen.reports import (
+from fedgen.files import (
     CheckpointError,
     fsync_dir,
     load_checkpoint,
     save_tensors,
     tensors_digest,
 )
+from fedgen.privacy import HistoryEntry, epsilon_of, recompute_recipe
 from fedgen.rounds import ClientPrivacyState
 
 __all__ = ["LedgerError", "DeviceLedger", "default_ledger_dir", "device_id", "format_ledger"]

@@ -17,72 +17,25 @@ Layout of a run directory:
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
-import os
 import platform
 import sys
-import tempfile
 import uuid
-from collections.abc import Callable
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 from fedgen.config import FedgenConfig
 from fedgen.console import plural, say
+from fedgen.files import CheckpointError, load_checkpoint, save_tensors, write_atomic
 from fedgen.killpoints import kill_point
-from fedgen.privacy_report import (
-    PrivacyLedger,
-    client_sort_key,
-    format_privacy_table,
-    load_privacy_report,
-    privacy_markdown,
-)
+from fedgen.plots import plot_epsilon
+from fedgen.privacy_report import PrivacyLedger, privacy_markdown
 
-__all__ = [
-    "RunDir",
-    "PrivacyLedger",
-    "write_atomic",
-    "save_image_grid",
-    "format_privacy_table",
-    "load_privacy_report",
-]
-
-
-def write_atomic(path: Path, data: bytes | str) -> None:
-    """Write then rename, so readers never see a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = data.encode() if isinstance(data, str) else data
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
-        tmp.write(payload)
-        tmp.flush()
-        os.fsync(tmp.fileno())
-    _plain_mode(Path(tmp.name))
-    os.replace(tmp.name, path)
-    fsync_dir(path.parent)
-
-
-def _read_umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
-
-
-_UMASK = _read_umask()  # once, at import: setting and restoring it is process-wide
-
-
-def _plain_mode(path: Path) -> None:
-    # Temporary files are created 0600; give the file the mode a plain open() would.
-    os.chmod(path, 0o666 & ~_UMASK)
+__all__ = ["RunDir"]
 
 
 def _now() -> str:
@@ -96,85 +49,9 @@ def _version(package: str) -> str:
         return "not installed"
 
 
-def save_image_grid(images: torch.Tensor, rows: int, path: Path, scale: int = 2) -> None:
-    """Save images in [-1, 1] of shape (rows*cols, 1, H, W) as one PNG grid."""
-    arr = ((images.detach().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
-    n, _, h, w = arr.shape
-    cols = math.ceil(n / rows)
-    pad = 2
-    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad), 40, dtype=np.uint8)
-    for i in range(n):
-        r, c = divmod(i, cols)
-        y, x = pad + r * (h + pad), pad + c * (w + pad)
-        grid[y : y + h, x : x + w] = arr[i, 0]
-    img = Image.fromarray(grid, mode="L")
-    img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
-
-
 def _round_of(path: Path) -> int:
     # By number, not name: round_1000 comes after round_999.
     return int(path.stem.split("_")[1])
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file that is truncated or does not match its checksum."""
-
-
-def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
-    """SHA-256 of a state dict: each tensor's name, dtype, shape and bytes, by name."""
-    h = hashlib.sha256()
-    for key in sorted(tensors):
-        t = tensors[key].contiguous()
-        h.update(f"{key}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def save_tensors(
-    path: Path,
-    state: dict[str, torch.Tensor],
-    metadata: dict[str, str] | None = None,
-    before_rename: Callable[[], None] | None = None,
-) -> None:
-    """Safetensors with a SHA-256 of the tensors in its metadata, written atomically: a
-    crash leaves the previous file or the new one, never half a file. `before_rename`
-    runs between the two (a test's kill point)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    save_file(tensors, str(tmp), metadata={**(metadata or {}), "sha256": tensors_digest(tensors)})
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    if before_rename is not None:
-        before_rename()
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def load_checkpoint(path: Path, with_metadata: bool = False) -> Any:
-    """Weights from a safetensors checkpoint (no pickle), verified against its checksum;
-    with `with_metadata`, (weights, metadata)."""
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            metadata = dict(fh.metadata() or {})
-        tensors = load_file(str(path))
-    except Exception as err:  # safetensors raises its own error types for bad headers
-        raise CheckpointError(f"checkpoint {path} is unreadable ({err})") from None
-    expected = metadata.get("sha256")
-    if expected is not None and tensors_digest(tensors) != expected:
-        raise CheckpointError(f"checkpoint {path} does not match its checksum (corrupt)")
-    return (tensors, metadata) if with_metadata else tensors
-
-
-def fsync_dir(folder: Path) -> None:
-    """Make a rename in `folder` durable (a power loss cannot undo it)."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # What the server writes at the top of a run directory by write-and-rename (figures by
@@ -379,159 +256,4 @@ class RunDir:
         report = ledger.to_dict()
         write_atomic(self.path / "privacy_report.json", json.dumps(report, indent=2))
         write_atomic(self.path / "privacy_report.md", privacy_markdown(report))
-        _plot_epsilon(report, self.path / "privacy_epsilon.png")
-
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _integer_ticks(axis: Any) -> None:
-    """Rounds are whole numbers: no tick at 1.5."""
-    from matplotlib.ticker import MaxNLocator
-
-    axis.set_major_locator(MaxNLocator(integer=True))
-
-
-def _save_figure(fig: Any, path: Path) -> None:
-    # Written beside the target and renamed: a reader never sees half a PNG.
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp)
-    _pyplot().close(fig)
-    os.replace(tmp, path)
-
-
-def _plot_epsilon(report: dict[str, Any], path: Path) -> None:
-    if not report["private"]:
-        return
-    plt = _pyplot()
-    # Constrained layout keeps labels and legend inside the figure at any size.
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100, layout="constrained")
-    series: dict[str, tuple[list[int], list[float]]] = {}
-    for entry in report["rounds"]:
-        for cid, eps in entry["epsilon"].items():
-            xs, ys = series.setdefault(cid, ([], []))
-            xs.append(entry["round"])
-            ys.append(eps)
-    for cid, (xs, ys) in sorted(series.items(), key=lambda kv: client_sort_key(kv[0])):
-        ax.plot(xs, ys, marker="o", label=f"client {cid}")
-    target = report["target_epsilon"]
-    if target is not None:
-        ax.axhline(target, color="black", linestyle="--", label="target")
-    ax.set_xlabel("round")
-    ax.set_ylabel(f"cumulative epsilon (delta {report['delta']:g})")
-    ax.set_title(f"Privacy spent per client ({report['accountant']} accountant)")
-    last = max((x for xs, _ in series.values() for x in xs), default=1)
-    ax.set_xlim(0, last + 0.5)
-    top = max([target or 0.0, *(y for _, ys in series.values() for y in ys)])
-    ax.set_ylim(0, top * 1.12 or 1.0)  # room above the target line for the legend
-    _integer_ticks(ax.xaxis)
-    ax.grid(alpha=0.3)
-    if len(series) <= 12:
-        # Cumulative epsilon rises from the left: the lower right stays clear.
-        ax.legend(fontsize="small", loc="lower right")
-    _save_figure(fig, path)
-
-
-QUALITY_PANELS = (
-    ("frechet_distance", "Frechet distance", "in the evaluator's features; lower is better"),
-    (
-        "label_consistency",
-        "label consistency",
-        "the evaluator recognises the class asked for; higher is better",
-    ),
-    (
-        "downstream_accuracy",
-        "downstream accuracy",
-        "a classifier trained on generated images, tested on real ones; higher is better",
-    ),
-)
-BOUNDED_QUALITY = ("label_consistency", "downstream_accuracy")  # fractions in [0, 1]
-
-
-def plot_quality(lines: list[dict[str, Any]], path: Path) -> None:
-    """Quality figures of the evaluated rounds against the round and, for a private run,
-    against the epsilon spent by then: where the privacy went, and what it bought."""
-    plt = _pyplot()
-    private = any(line.get("max_epsilon") is not None for line in lines)
-    axes_x = [("round", "round")] + (
-        [("max_epsilon", "max epsilon over clients")] if private else []
-    )
-    fig, axes = plt.subplots(
-        len(QUALITY_PANELS),
-        len(axes_x),
-        figsize=(5.5 * len(axes_x), 9),
-        dpi=100,
-        squeeze=False,
-        layout="constrained",
-    )
-    for row, (key, name, meaning) in enumerate(QUALITY_PANELS):
-        points = [line for line in lines if line.get("eval", {}).get(key) is not None]
-        for col, (xkey, xlabel) in enumerate(axes_x):
-            ax = axes[row][col]
-            xs = [p[xkey] for p in points if p.get(xkey) is not None]
-            ys = [p["eval"][key] for p in points if p.get(xkey) is not None]
-            ax.plot(xs, ys, marker="o")
-            ax.set_title(meaning, fontsize="small")
-            ax.set_ylabel(name)
-            ax.set_xlabel(xlabel)
-            # Both start at nothing spent; a lone point is then not alone on its axis.
-            ax.set_xlim(0, max(xs, default=1) * 1.08 + (0.5 if xkey == "round" else 0))
-            if xkey == "round":
-                _integer_ticks(ax.xaxis)
-            if key in BOUNDED_QUALITY:
-                ax.set_ylim(0, 1.02)
-            ax.grid(alpha=0.3)
-    fig.suptitle("Sample quality: generated images measured against the real test images")
-    _save_figure(fig, path)
-
-
-_EVALUATION_ROWS = (
-    ("evaluator_test_accuracy", "evaluator accuracy on real test images", "{:.4f}"),
-    ("frechet_distance", "Frechet distance (evaluator features)", "{:.3f}"),
-    ("frechet_generated_samples", "  generated / real samples", None),
-    ("label_consistency", "label consistency", "{:.4f}"),
-    ("inception_fid", "Inception FID", "{:.2f}"),
-    ("downstream_accuracy", "downstream accuracy on real test images", "{:.4f}"),
-    ("downstream_train_examples", "  generated images it was trained on", "{}"),
-    ("downstream_selected_epoch", "  epoch chosen on held-out generated images", "{}"),
-    ("recon_mse", "reconstruction MSE", "{:.5f}"),
-    ("psnr", "reconstruction PSNR (dB)", "{:.2f}"),
-    ("codebook_usage", "codebook usage", "{:.3f}"),
-    ("codebook_perplexity", "codebook perplexity", "{:.2f}"),
-)
-
-
-def format_evaluation_table(result: dict[str, Any]) -> str:
-    """The figures of an evaluation.json as a two-column table."""
-    m, p = result["metrics"], result["privacy"]
-    where = f"{result['partition']}" + (
-        f" alpha {result['dirichlet_alpha']:g}" if result.get("dirichlet_alpha") else ""
-    )
-    eps = (
-        f"epsilon {p['max_epsilon']:.3f} at delta {p['delta']:g} ({p['accountant']})"
-        if p.get("max_epsilon") is not None
-        else ("private (no report yet)" if p["private"] else "non-private")
-    )
-    rows = [
-        ("run", f"{result['model']} on {result['dataset']}, round {result['round']}"),
-        (
-            "federation",
-            f"{plural(result['clients'], 'client')}, {where}, {plural(result['rounds'], 'round')}",
-        ),
-        ("privacy", eps),
-    ]
-    for key, label, fmt in _EVALUATION_ROWS:
-        if key not in m:
-            continue
-        if key == "frechet_generated_samples":
-            rows.append((label, f"{m[key]} / {m['frechet_real_samples']}"))
-        else:
-            rows.append((label, "skipped" if m[key] is None else fmt.format(m[key])))
-    width = max(len(label) for label, _ in rows)
-    return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
+        plot_epsilon(report, self.path / "privacy_epsilon.png")

@@ -31,9 +31,11 @@ from fedgen.embedding import train_mmd_locally
 from fedgen.evaluation import Evaluator
 from fedgen.killpoints import kill_point
 from fedgen.models import build_model
+from fedgen.plots import plot_quality
 from fedgen.policy import DECLINE_CODES, Decline, DevicePolicy, check_request, plan_for
 from fedgen.privacy import HistoryEntry, epsilon_of
-from fedgen.reports import PrivacyLedger, RunDir, plot_quality
+from fedgen.privacy_report import PrivacyLedger
+from fedgen.reports import RunDir
 from fedgen.training import LocalResult, resolve_device, train_dp_locally, train_gan_locally
 from fedgen.vqvae import encode_codes, prior_loss, vqvae_loss
 

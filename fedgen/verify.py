@@ -371,7 +371,7 @@ def _check_config(run: _Run) -> Check:
 
 
 def _check_checkpoints(run: _Run) -> Check:
-    from fedgen.reports import CheckpointError, load_checkpoint
+    from fedgen.files import CheckpointError, load_checkpoint
 
     check = Check("checkpoints")
     named: set[str] = set()
@@ -701,8 +701,8 @@ def _read_ledger(path: Path) -> dict[str, Any] | str:
 
 def _ledger_problems(path: Path, content: dict[str, Any]) -> dict[str, list[str]]:
     """A ledger's own problems by check name: chain, runs, reply, epsilon."""
+    from fedgen.files import CheckpointError, load_checkpoint
     from fedgen.privacy import epsilon_of
-    from fedgen.reports import CheckpointError, load_checkpoint
 
     out: dict[str, list[str]] = {"chain": [], "runs": [], "reply": [], "epsilon": [], "bound": []}
     chain = content.get("chain", [])

@@ -18,7 +18,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedgen.config import FedgenConfig, load_config, load_run_config, resumable_config
 from fedgen.console import RoundProgress, plural, say
-from fedgen.reports import RunDir, write_atomic
+from fedgen.files import write_atomic
+from fedgen.reports import RunDir
 from fedgen.rounds import RoundRecorder
 from server.strategy import build_strategy, restore_strategy_state, tally_report
 

@@ -28,8 +28,8 @@ from flwr.serverapp.strategy import (
 
 from fedgen.config import FedgenConfig
 from fedgen.console import plural
+from fedgen.files import tensors_digest
 from fedgen.policy import FAILURE_CODES
-from fedgen.reports import tensors_digest
 from fedgen.rounds import RoundRecorder
 from fedgen.updates import check_update, max_weight_change
 

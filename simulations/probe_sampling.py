@@ -26,8 +26,8 @@ import torch
 from fedgen.config import load_config
 from fedgen.data import NUM_CLASSES
 from fedgen.evaluation import Evaluator
+from fedgen.files import load_checkpoint
 from fedgen.models import build_model
-from fedgen.reports import load_checkpoint
 
 warnings.filterwarnings("ignore", message="Secure RNG turned off")
 

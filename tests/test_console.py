@@ -109,18 +109,18 @@ def _privacy_report(rounds: int, clients: int) -> dict:
 def test_plots_show_whole_rounds_and_nothing_cut_or_overlapping(tmp_path, monkeypatch, rounds):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    from fedgen import reports
+    from fedgen import plots
 
     figures = []
-    save = reports._save_figure
+    save = plots._save_figure
 
     def keep(fig, path):
         figures.append(fig)
         save(fig, path)
 
-    monkeypatch.setattr(reports, "_save_figure", keep)
-    reports.plot_quality(_quality_lines(rounds), tmp_path / "quality.png")
-    reports._plot_epsilon(_privacy_report(rounds, clients=4), tmp_path / "privacy_epsilon.png")
+    monkeypatch.setattr(plots, "_save_figure", keep)
+    plots.plot_quality(_quality_lines(rounds), tmp_path / "quality.png")
+    plots.plot_epsilon(_privacy_report(rounds, clients=4), tmp_path / "privacy_epsilon.png")
     assert (tmp_path / "quality.png").is_file() and (tmp_path / "privacy_epsilon.png").is_file()
     assert len(figures) == 2
     for fig in figures:

@@ -28,8 +28,8 @@ import pytest
 
 from fedgen.config import load_config
 from fedgen.data import load_device_data
+from fedgen.files import load_checkpoint
 from fedgen.privacy import epsilon_of
-from fedgen.reports import load_checkpoint
 from fedgen.rounds import plan_privacy
 from tests.deployment import Deployment
 from tests.test_device_data import write_folder

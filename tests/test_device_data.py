@@ -171,7 +171,7 @@ def test_fingerprint_changes_with_any_pixel():
 
 
 def test_server_report_never_lets_a_history_shrink():
-    from fedgen.reports import PrivacyLedger
+    from fedgen.privacy_report import PrivacyLedger
     from tests.helpers import small_config
 
     report = PrivacyLedger(small_config())

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from fedgen.reports import CheckpointError, RunDir
+from fedgen.files import CheckpointError
+from fedgen.reports import RunDir
 
 from .helpers import small_config
 

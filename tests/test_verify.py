@@ -28,11 +28,12 @@ from fedgen.audit_log import (
 from fedgen.cli import main
 from fedgen.data import client_partition, data_fingerprint
 from fedgen.device import close_run, device_round
+from fedgen.files import tensors_digest
 from fedgen.ledger import DeviceLedger
 from fedgen.models import build_gan
 from fedgen.policy import DevicePolicy
 from fedgen.privacy import epsilon_of
-from fedgen.reports import RunDir, tensors_digest
+from fedgen.reports import RunDir
 from fedgen.rounds import RoundRecorder
 from fedgen.verify import (
     format_verification,
