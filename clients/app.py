@@ -41,7 +41,7 @@ from fedgen.data import (
 from fedgen.device import DeviceReply, close_run, device_round, failure_code
 from fedgen.ledger import DeviceLedger, default_ledger_dir, device_id
 from fedgen.policy import DevicePolicy
-from fedgen.rounds import ClientPrivacyState
+from fedgen.privacy import ClientPrivacyState
 
 app = ClientApp()
 log = logging.getLogger("fedgen.device")

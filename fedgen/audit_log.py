@@ -47,6 +47,7 @@ __all__ = [
     "file_digest",
     "history_digest",
     "history_extends",
+    "latest_clients",
     "ledger_entry",
     "ledger_genesis",
     "plain_history",
@@ -343,3 +344,13 @@ class AuditLog:
         with contextlib.suppress(IndexError, ValueError, KeyError):
             self._head = json.loads(kept_lines[-1])["hash"]
         return kept
+
+
+def latest_clients(entries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The server's record of each client as the audit log entries leave it (each entry
+    holds the clients it touched)."""
+    latest: dict[str, dict[str, Any]] = {}
+    for entry in entries:
+        for cid, client in entry.get("clients", {}).items():
+            latest[cid] = {k: v for k, v in client.items() if k != "history_sha256"}
+    return latest

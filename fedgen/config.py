@@ -170,7 +170,12 @@ class FederationConfig(_Section):
         "min_train_clients > 2 x this + 2; a round with fewer valid updates than 2 x this + 3 "
         "stops the run with an error rather than aggregate without that tolerance).",
     )
-    client_cpus: float = Field(1.0, gt=0.0, description="CPU cores reserved per simulated client.")
+    client_cpus: float = Field(
+        1.0,
+        gt=0.0,
+        description="CPU cores reserved per simulated client (whole ones set its torch "
+        "threads); a simulation starts no more Ray actors than a round trains clients.",
+    )
     client_gpus: float = Field(
         0.0, ge=0.0, le=1.0, description="GPU share per simulated client (0.25: four share one)."
     )
@@ -191,6 +196,11 @@ class FederationConfig(_Section):
         "or decline (privacy budget) are reported and left out, and a round with fewer "
         "updates stops the run with an error.",
     )
+
+    @property
+    def clients_per_round(self) -> int:
+        """How many clients a round samples (Flower's rule for `fraction_train`)."""
+        return max(int(self.num_clients * self.fraction_train), self.min_train_clients)
 
 
 class ModelConfig(_Section):
@@ -584,7 +594,7 @@ class FedgenConfig(_Section):
                 f"{2 * fed.malicious_clients + 2}; raise min_train_clients or lower "
                 "malicious_clients"
             )
-        sampled = max(int(fed.num_clients * fed.fraction_train), fed.min_train_clients)
+        sampled = fed.clients_per_round
         if fed.min_replies > sampled:
             raise ValueError(
                 f"federation.min_replies={fed.min_replies} exceeds the {sampled} clients a "

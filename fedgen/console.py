@@ -267,6 +267,11 @@ def _round_clock() -> Any:
     return RoundClock()
 
 
+def client_sort_key(cid: str) -> tuple[int, str]:
+    """Clients in the order people count them: simulated ids by number, names after."""
+    return (int(cid), "") if cid.isdigit() else (1 << 62, cid)
+
+
 def plural(n: int, noun: str) -> str:
     """`1 round`, `2 rounds`: for nouns whose plural adds an s."""
     return f"{n} {noun}" + ("" if n == 1 else "s")

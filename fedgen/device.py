@@ -30,7 +30,7 @@ from fedgen.policy import (
     plan_for,
     plan_inputs,
 )
-from fedgen.rounds import ClientPrivacyState, client_round, client_seed
+from fedgen.privacy import ClientPrivacyState
 
 __all__ = ["DeviceReply", "device_round", "close_run", "failure_code", "log"]
 
@@ -139,6 +139,10 @@ def device_round(
             log.warning("round %s of run %s declined: %s", server_round, run_id, decline)
             state = _state(run) if run is not None else None
             return DeviceReply("declined", state, code=decline.code)
+
+        # The training code (Opacus, the models) loads only when a round trains: a
+        # device that declines, or answers a query, replies without it.
+        from fedgen.rounds import client_round, client_seed
 
         result, privacy = client_round(
             cfg,

@@ -29,6 +29,7 @@ from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processe
 from opacus.validators import ModuleValidator
 from torch import nn
 
+import fedgen.opacus_logging  # noqa: F401  (undoes its import-time logging setup)
 from fedgen.privacy import HistoryEntry
 from fedgen.secure_random import SecureRandom
 

@@ -34,8 +34,7 @@ from fedgen.files import (
     save_tensors,
     tensors_digest,
 )
-from fedgen.privacy import HistoryEntry, epsilon_of, recompute_recipe
-from fedgen.rounds import ClientPrivacyState
+from fedgen.privacy import ClientPrivacyState, HistoryEntry, epsilon_of, recompute_recipe
 
 __all__ = ["LedgerError", "DeviceLedger", "default_ledger_dir", "device_id", "format_ledger"]
 

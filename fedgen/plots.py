@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fedgen.privacy_report import client_sort_key
+from fedgen.console import client_sort_key
 
 __all__ = ["plot_epsilon", "plot_quality", "save_image_grid"]
 

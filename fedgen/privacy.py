@@ -19,27 +19,19 @@ is fixed here and named in every report, so a recomputation gives the same numbe
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from typing import Any
 
 import dp_accounting
-
-# Opacus calls logging.basicConfig() on import, which doubles every line Flower logs;
-# take that root handler off again (recognised by Opacus's format string).
-import opacus  # noqa: F401  (imported for the side effect above, undone below)
 from dp_accounting import pld, rdp
-
-for _handler in list(logging.getLogger().handlers):
-    if getattr(_handler.formatter, "_fmt", None) == "%(asctime)s:%(levelname)s:%(message)s":
-        logging.getLogger().removeHandler(_handler)
 
 __all__ = [
     "HistoryEntry",
     "PlannedBudget",
+    "ClientPrivacyState",
     "ACCOUNTANTS",
     "NEIGHBORING",
     "PLD_DISCRETIZATION",
@@ -66,6 +58,34 @@ _RELATIONS = {
     "add_remove": dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
     "replace_one": dp_accounting.NeighboringRelation.REPLACE_ONE,
 }
+
+
+@dataclass
+class ClientPrivacyState:
+    """Everything a client must keep between rounds to account for its privacy."""
+
+    noise_multiplier: float
+    sample_rate: float
+    planned_steps: int
+    history: list[HistoryEntry]
+    # DP steps per training stage (`gan`, or `vqvae` and `prior`): the accountant merges
+    # equal consecutive entries, so its history alone does not tell the stages apart.
+    stage_steps: dict[str, int] = field(default_factory=dict)
+
+    def to_plain(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["history"] = [list(h) for h in self.history]
+        return d
+
+    @classmethod
+    def from_plain(cls, d: dict[str, Any]) -> ClientPrivacyState:
+        return cls(
+            float(d["noise_multiplier"]),
+            float(d["sample_rate"]),
+            int(d["planned_steps"]),
+            [(float(s), float(q), int(n)) for s, q, n in d["history"]],
+            {str(k): int(v) for k, v in d.get("stage_steps", {}).items()},
+        )
 
 
 @dataclass(frozen=True)

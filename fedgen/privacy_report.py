@@ -18,7 +18,7 @@ from typing import Any
 
 from fedgen.canaries import canary_statement
 from fedgen.config import FedgenConfig
-from fedgen.console import plural
+from fedgen.console import client_sort_key, plural
 from fedgen.privacy import PLD_DISCRETIZATION, epsilon_of, recompute_recipe
 
 __all__ = ["PrivacyLedger", "format_privacy_table", "load_privacy_report", "privacy_markdown"]
@@ -321,10 +321,6 @@ def _public(cfg: FedgenConfig) -> list[str]:
         "whether, when and for how long a client trained in a round",
         "each client's accountant history (noise multiplier, sample rate, steps)",
     ]
-
-
-def client_sort_key(cid: str) -> tuple[int, str]:
-    return (int(cid), "") if cid.isdigit() else (1 << 62, cid)
 
 
 def format_privacy_table(report: dict[str, Any], max_rows: int | None = None) -> str:

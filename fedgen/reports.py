@@ -24,7 +24,7 @@ import uuid
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -33,7 +33,9 @@ from fedgen.console import plural, say
 from fedgen.files import CheckpointError, load_checkpoint, save_tensors, write_atomic
 from fedgen.killpoints import kill_point
 from fedgen.plots import plot_epsilon
-from fedgen.privacy_report import PrivacyLedger, privacy_markdown
+
+if TYPE_CHECKING:  # the report's module imports the accountant, which reading a run needs not
+    from fedgen.privacy_report import PrivacyLedger
 
 __all__ = ["RunDir"]
 
@@ -253,6 +255,8 @@ class RunDir:
             write_atomic(path, "".join(x + "\n" for x in keep))
 
     def write_privacy_report(self, ledger: PrivacyLedger) -> None:
+        from fedgen.privacy_report import privacy_markdown
+
         report = ledger.to_dict()
         write_atomic(self.path / "privacy_report.json", json.dumps(report, indent=2))
         write_atomic(self.path / "privacy_report.md", privacy_markdown(report))

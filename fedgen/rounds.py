@@ -8,7 +8,6 @@ import json
 import random
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from fedgen.audit_log import (
     config_digest,
     digest,
     file_digest,
+    latest_clients,
     round_entry,
     state_entry,
 )
@@ -33,7 +33,7 @@ from fedgen.killpoints import kill_point
 from fedgen.models import build_model
 from fedgen.plots import plot_quality
 from fedgen.policy import DECLINE_CODES, Decline, DevicePolicy, check_request, plan_for
-from fedgen.privacy import HistoryEntry, epsilon_of
+from fedgen.privacy import ClientPrivacyState, epsilon_of
 from fedgen.privacy_report import PrivacyLedger
 from fedgen.reports import RunDir
 from fedgen.training import LocalResult, resolve_device, train_dp_locally, train_gan_locally
@@ -53,34 +53,6 @@ __all__ = [
 warnings.filterwarnings("ignore", message="Secure RNG turned off")
 warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
-
-
-@dataclass
-class ClientPrivacyState:
-    """Everything a client must keep between rounds to account for its privacy."""
-
-    noise_multiplier: float
-    sample_rate: float
-    planned_steps: int
-    history: list[HistoryEntry]
-    # DP steps per training stage (`gan`, or `vqvae` and `prior`): the accountant merges
-    # equal consecutive entries, so its history alone does not tell the stages apart.
-    stage_steps: dict[str, int] = field(default_factory=dict)
-
-    def to_plain(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["history"] = [list(h) for h in self.history]
-        return d
-
-    @classmethod
-    def from_plain(cls, d: dict[str, Any]) -> ClientPrivacyState:
-        return cls(
-            float(d["noise_multiplier"]),
-            float(d["sample_rate"]),
-            int(d["planned_steps"]),
-            [(float(s), float(q), int(n)) for s, q, n in d["history"]],
-            {str(k): int(v) for k, v in d.get("stage_steps", {}).items()},
-        )
 
 
 def plan_privacy(cfg: FedgenConfig, num_examples: int) -> ClientPrivacyState:
@@ -276,16 +248,6 @@ def _train_vqvae_stage(
     )
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return LocalResult(state, {"steps": float(steps)}, done.history, done.optimizer_state)
-
-
-def latest_clients(entries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """The server's record of each client as the audit log entries leave it (each entry
-    holds the clients it touched)."""
-    latest: dict[str, dict[str, Any]] = {}
-    for entry in entries:
-        for cid, client in entry.get("clients", {}).items():
-            latest[cid] = {k: v for k, v in client.items() if k != "history_sha256"}
-    return latest
 
 
 def logged_rounds(run_dir: RunDir) -> set[int]:

@@ -510,7 +510,7 @@ def _check_other_accountant(run: _Run) -> Check:
     if terms is None:
         check.skipped = "privacy off (or no config)"
         return check
-    from fedgen.rounds import latest_clients
+    from fedgen.audit_log import latest_clients
 
     details = []
     for cid, client in sorted(latest_clients(run.entries).items()):
@@ -576,8 +576,8 @@ def _check_growth(run: _Run) -> Check:
 
 
 def _expected_report(run: _Run) -> dict[str, Any]:
+    from fedgen.audit_log import latest_clients
     from fedgen.privacy_report import PrivacyLedger
-    from fedgen.rounds import latest_clients
 
     ledger = PrivacyLedger(run.cfg)
     ledger.clients = latest_clients(run.entries)
@@ -627,7 +627,7 @@ def _check_report(run: _Run) -> Check:
 
 def _check_server_state(run: _Run) -> Check:
     check = Check("server state")
-    from fedgen.rounds import latest_clients
+    from fedgen.audit_log import latest_clients
 
     position = {e["round"]: i for i, e in enumerate(run.entries) if e.get("kind") == "round"}
     states = sorted((run.path / "checkpoints").glob("server_*.json"))
@@ -818,7 +818,7 @@ def _check_devices(run: _Run, ledgers: dict[str, dict[str, Any]]) -> Check:
     """The devices' own chains against the server's log: the same history after every
     round a client trained, the same update, and no history shorter than the server's."""
     check = Check("devices agree with the server")
-    from fedgen.rounds import latest_clients
+    from fedgen.audit_log import latest_clients
 
     run_id = run.manifest.get("run_id")
     compared = 0

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from opacus.grad_sample import register_grad_sampler
 from torch import Tensor, nn
 
+import fedgen.opacus_logging  # noqa: F401  (undoes its import-time logging setup)
 from fedgen.config import ModelConfig
 
 __all__ = [

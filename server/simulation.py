@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 from flwr.clientapp import ClientApp
@@ -16,10 +17,16 @@ from server.app import make_server_app
 
 
 def backend_config(cfg: FedgenConfig) -> dict:
+    """Ray's resources for the run. Flower starts one actor per `client_cpus` of the
+    machine's cores, and each actor imports torch and Opacus (seconds of CPU) before its
+    first client: more actors than a round trains clients would only pay that. Each actor
+    is then reserved the cores the round leaves it (floored to Ray's 1e-4 resolution, so
+    the actors still fit); its torch threads stay `client_cpus`."""
     fed = cfg.federation
-    cpus = max(os.cpu_count() or 1, int(fed.client_cpus + 0.999))
+    cpus = max(os.cpu_count() or 1, math.ceil(fed.client_cpus))
+    per_actor = max(fed.client_cpus, math.floor(cpus / fed.clients_per_round * 1e4) / 1e4)
     init_args: dict = {"num_cpus": cpus, "include_dashboard": False}
-    resources: dict = {"num_cpus": fed.client_cpus}
+    resources: dict = {"num_cpus": per_actor}
     if fed.client_gpus > 0:
         # Fractional GPUs: e.g. 0.25 lets four clients share one device.
         resources["num_gpus"] = fed.client_gpus

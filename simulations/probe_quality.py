@@ -36,7 +36,8 @@ from fedgen.config import FedgenConfig, load_config
 from fedgen.data import NUM_CLASSES, federated_partitions, load_dataset
 from fedgen.evaluation import Evaluator
 from fedgen.models import build_model
-from fedgen.rounds import ClientPrivacyState, client_round, client_seed, plan_privacy
+from fedgen.privacy import ClientPrivacyState
+from fedgen.rounds import client_round, client_seed, plan_privacy
 
 warnings.filterwarnings("ignore", message="Secure RNG turned off")
 warnings.filterwarnings("ignore", message="Using a non-full backward hook")

@@ -35,7 +35,9 @@ TINY_RUN = [
     *SMALL,
     f"federation.rounds={TINY_RUN_ROUNDS}",
     "federation.min_train_clients=3",  # every client in every round: histories comparable
-    "federation.client_cpus=0.5",
+    # One Ray actor runs the three clients in turn: each actor's imports (torch, Opacus)
+    # cost more CPU than these clients' training.
+    "federation.client_cpus=2.0",
     "run.eval_every=2",  # round 2 evaluated, round 1 not: both kinds of round occur
     "evaluation.samples=100",
     "evaluation.downstream=never",

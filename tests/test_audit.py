@@ -169,10 +169,12 @@ def test_memorisation_does_not_flag_a_generator_of_unseen_images(mnist_sets, emb
 
 # ----------------------------------------------------------------------------- attacks
 
-MEMBERS, CANARIES, STEPS = 48, 64, 1000
+# Without DP the client overfits in 1000 discriminator steps; under DP (epsilon 1) a
+# quarter of them shows the same (an attack near chance) at a quarter of the CPU.
+MEMBERS, CANARIES, STEPS, PRIVATE_STEPS = 48, 64, 1000, 250
 TINY = [
     "model.type=gan",
-    f"training.local_steps={STEPS}", "training.batch_size=32", "training.d_steps_per_g_step=10",
+    "training.batch_size=32", "training.d_steps_per_g_step=10",
     "model.discriminator=conv", "model.discriminator_channels=16", "model.generator_channels=16",
     "model.latent_dim=16", "model.groups=4", f"privacy.canaries={CANARIES}",
     "privacy.reproducible_noise=true", "privacy.target_epsilon=1",
@@ -181,8 +183,11 @@ TINY = [
 
 def _train_tiny_client(mnist_dir, private: bool):
     """One small client (48 MNIST images + 64 canary slots) trained with the product's
-    local GAN training for 1000 discriminator steps: without DP it overfits."""
-    cfg = load_config(None, [*TINY, f"privacy.enabled={str(private).lower()}"])
+    local GAN training for 1000 discriminator steps (250 under DP): without DP it overfits."""
+    steps = PRIVATE_STEPS if private else STEPS
+    cfg = load_config(
+        None, [*TINY, f"training.local_steps={steps}", f"privacy.enabled={str(private).lower()}"]
+    )
     train = load_mnist(mnist_dir, "train", download=False)
     members = train.subset(np.arange(MEMBERS))
     data = add_canaries(cfg, members, CANARY_CLIENT)
@@ -191,7 +196,7 @@ def _train_tiny_client(mnist_dir, private: bool):
     sigma = (
         calibrate_noise(
             PlannedBudget(
-                cfg.privacy.target_epsilon, cfg.privacy.delta, rate, STEPS, "pld", "replace_one"
+                cfg.privacy.target_epsilon, cfg.privacy.delta, rate, steps, "pld", "replace_one"
             )
         )
         if private
@@ -237,7 +242,7 @@ def test_membership_inference_is_near_chance_under_strong_dp(private):
     cfg, model, members, non_members, epsilon = private
     assert epsilon <= 1.0
     attacks, _ = membership_inference(example_scorer(model), members, non_members)
-    assert abs(attacks["model_score"]["auc"] - 0.5) < 0.15  # measured 0.52
+    assert abs(attacks["model_score"]["auc"] - 0.5) < 0.15  # measured 0.58 (48 + 48 examples)
 
 
 def test_calibrated_attack_uses_a_reference_that_saw_none_of_them(overfit, mnist_dir):
@@ -323,7 +328,7 @@ def test_canaries_give_a_positive_lower_bound_without_dp(overfit):
 def test_canary_lower_bound_stays_below_the_accountants_epsilon_under_dp(private):
     cfg, model, _, _, epsilon = private
     audit = _canary_audit(cfg, model)
-    assert audit["epsilon_lower_bound"] <= epsilon  # measured 0 (21 of 32 right)
+    assert audit["epsilon_lower_bound"] <= epsilon  # measured 0 (22 of 32 right)
 
 
 # ----------------------------------------------------------------------------- end to end

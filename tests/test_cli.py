@@ -1,3 +1,4 @@
+import ast
 import subprocess
 import sys
 
@@ -40,6 +41,38 @@ def test_library_does_not_import_flower():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_opacus_leaves_no_root_log_handler_behind():
+    """Opacus calls logging.basicConfig() on import; left in place, every line Flower logs
+    would print twice. Each module that imports Opacus takes that handler off again."""
+    code = (
+        "import logging, fedgen.vqvae, fedgen.dp_sgd, fedgen.training, opacus; "
+        "print(len(logging.getLogger().handlers))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "0"
+
+
+def _imported(modules: str, watched: set[str]) -> list[str]:
+    code = (
+        f"import sys, {modules}; "
+        f"print(sorted({{m.split('.')[0] for m in sys.modules}} & {watched!r}))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    return ast.literal_eval(proc.stdout.strip())
+
+
+def test_reading_a_run_imports_neither_opacus_nor_the_accountant():
+    """Commands that only read a run (sample, evaluate, the figures) start in about half
+    the time without them, and a device that declines or answers a query replies without
+    the training code: each loads only where it is used."""
+    reading = "fedgen.reports, fedgen.evaluation, fedgen.plots, fedgen.models"
+    assert _imported(reading, {"opacus", "dp_accounting"}) == []
+    accounting = "fedgen.verify, fedgen.ledger, fedgen.device, clients.app"
+    assert _imported(accounting, {"opacus"}) == []
 
 
 def test_certs_make_a_chain_a_tls_client_accepts(tmp_path):

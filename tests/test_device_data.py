@@ -7,8 +7,7 @@ from PIL import Image
 
 from fedgen.data import DataError, data_fingerprint, load_device_data, make_glyphs
 from fedgen.ledger import DeviceLedger, LedgerError
-from fedgen.privacy import epsilon_of
-from fedgen.rounds import ClientPrivacyState
+from fedgen.privacy import ClientPrivacyState, epsilon_of
 
 
 def write_folder(root, per_class=3, corrupt=0, rgb=False, size=28):

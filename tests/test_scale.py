@@ -42,7 +42,7 @@ TINY = [
     f"federation.fraction_train={SAMPLED / NODES}", f"federation.min_train_clients={SAMPLED}",
     f"federation.rounds={ROUNDS}", "training.local_steps=1", "training.batch_size=8",
     "model.generator_channels=16", "model.discriminator_hidden=16", "device=cpu",
-    "federation.client_cpus=0.5", "evaluation.samples=100", "evaluation.downstream=never",
+    "federation.client_cpus=1.0", "evaluation.samples=100", "evaluation.downstream=never",
     "evaluation.evaluator_epochs=1", "run.eval_examples=100",
 ]  # fmt: skip
 
@@ -186,3 +186,36 @@ def test_calibrations_started_from_their_neighbours_reach_the_target_cheaply(mon
         epsilon_of([(sigma, q, steps // 4)], 1e-5, "pld", "replace_one")  # after round 1
         assert builds == [], "the round's epsilon rebuilt the one-step PLD"
     assert len(_CALIBRATED[(target, 1e-5, steps, "pld", "replace_one")]) == len(sizes)
+
+
+@pytest.mark.parametrize(
+    ("cores", "client_cpus", "sampled", "actors"),
+    [
+        (16, 1.0, 4, 4),
+        (2, 0.5, 3, 3),
+        (2, 1.0, 4, 2),
+        (2, 0.5, 4, 4),
+        (3, 1.0, 40, 3),
+        (1, 2.0, 4, 1),
+    ],
+)
+def test_the_simulation_starts_no_more_actors_than_a_round_trains(
+    monkeypatch, cores, client_cpus, sampled, actors
+):
+    """Flower starts cores // (each actor's reserved cores) actors, and each one imports
+    torch and Opacus before its first client: never more than the clients a round samples,
+    never fewer than the cores allow."""
+    from server.simulation import backend_config
+
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    cfg = small_config(
+        "federation.num_clients=40",
+        f"federation.fraction_train={sampled / 40}",
+        f"federation.min_train_clients={min(sampled, 4)}",
+        f"federation.client_cpus={client_cpus}",
+    )
+    assert cfg.federation.clients_per_round == sampled
+    backend = backend_config(cfg)
+    ray_cpus = backend["init_args"]["num_cpus"]
+    # Flower's rule (flwr.simulation.ray_transport.ray_actor.pool_size_from_resources)
+    assert int(ray_cpus / backend["client_resources"]["num_cpus"]) == actors

@@ -73,6 +73,8 @@ def test_server_optimiser_leaves_the_frozen_autoencoder_alone(tmp_path):
         "model.type=vqvae", "model.vq_channels=8", "model.code_dim=4", "model.codebook_size=16",
         "model.prior_channels=16", "model.prior_layers=3", "federation.rounds=1",
         "federation.prior_rounds=1", "federation.strategy=fedadam",
+        # The last round is always evaluated: a small one (this test is about aggregation)
+        "evaluation.samples=100", "evaluation.downstream=never",
     )  # fmt: skip
     recorder = RoundRecorder(cfg, RunDir.create(cfg, tmp_path / "run"))
     strat = build_strategy(cfg, recorder)
