@@ -110,6 +110,7 @@ def vq_run(tmp_path_factory, mnist_dir):
         "training.local_steps=5", "training.prior_local_steps=5", "training.batch_size=32",
         "model.vq_channels=8", "model.code_dim=4", "model.codebook_size=16", "model.groups=4",
         "model.prior_channels=16", "model.prior_layers=3", "run.eval_every=1",
+        "federation.client_cpus=2.0",  # one Ray actor: its imports cost more than this training
         "run.eval_examples=200", "device=cpu", "evaluation.samples=200",
         "evaluation.downstream_examples=300", "evaluation.downstream_epochs=1",
         "evaluation.evaluator_epochs=1",
