@@ -16,6 +16,15 @@ from fedgen.reports import RunDir
 from server.app import make_server_app
 
 
+def _actor_share(cpus: int, actors: int) -> float:
+    """The largest share with 4 decimals (Ray's resolution) of which `cpus` holds
+    `actors`, as Flower counts it (`int(cpus / share)`, in floating point)."""
+    share = math.floor(cpus / actors * 1e4) / 1e4
+    while share > 1e-4 and int(cpus / share) < actors:  # 7 / 0.28 is 24.999...
+        share = round(share - 1e-4, 4)
+    return share
+
+
 def backend_config(cfg: FedgenConfig) -> dict:
     """Ray's resources for the run. Flower starts one actor per `client_cpus` of the
     machine's cores, and each actor imports torch and Opacus (seconds of CPU) before its
@@ -24,7 +33,7 @@ def backend_config(cfg: FedgenConfig) -> dict:
     the actors still fit); its torch threads stay `client_cpus`."""
     fed = cfg.federation
     cpus = max(os.cpu_count() or 1, math.ceil(fed.client_cpus))
-    per_actor = max(fed.client_cpus, math.floor(cpus / fed.clients_per_round * 1e4) / 1e4)
+    per_actor = max(fed.client_cpus, _actor_share(cpus, fed.clients_per_round))
     init_args: dict = {"num_cpus": cpus, "include_dashboard": False}
     resources: dict = {"num_cpus": per_actor}
     if fed.client_gpus > 0:

@@ -197,6 +197,7 @@ def test_calibrations_started_from_their_neighbours_reach_the_target_cheaply(mon
         (2, 0.5, 4, 4),
         (3, 1.0, 40, 3),
         (1, 2.0, 4, 1),
+        (7, 0.1, 25, 25),  # 7 / 0.28 is 24.999... in floating point: the share is 0.2799
     ],
 )
 def test_the_simulation_starts_no_more_actors_than_a_round_trains(
