@@ -35,9 +35,10 @@ TINY_RUN = [
     *SMALL,
     f"federation.rounds={TINY_RUN_ROUNDS}",
     "federation.min_train_clients=3",  # every client in every round: histories comparable
-    # One Ray actor runs the three clients in turn: each actor's imports (torch, Opacus)
-    # cost more CPU than these clients' training.
-    "federation.client_cpus=2.0",
+    # Two Ray actors of one torch thread each. Not one actor of 2 cores: that gives each
+    # client 2 torch threads, and with the cores busy with other work every parallel op
+    # then waits on a descheduled thread (the suite took 47 min instead of 28 loaded).
+    "federation.client_cpus=1.0",
     "run.eval_every=2",  # round 2 evaluated, round 1 not: both kinds of round occur
     "evaluation.samples=100",
     "evaluation.downstream=never",

@@ -341,7 +341,6 @@ SIM = [
     "model.groups=4", "privacy.target_epsilon=2", "privacy.canaries=20", "device=cpu",
     "run.eval_every=100", "evaluation.samples=100", "evaluation.downstream=never",
     "evaluation.evaluator_epochs=1",
-    "federation.client_cpus=2.0",  # one Ray actor: its imports cost more than this training
 ]  # fmt: skip
 VQ = [
     "model.type=vqvae", "model.vq_channels=8", "model.code_dim=4", "model.codebook_size=16",

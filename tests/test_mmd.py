@@ -277,8 +277,7 @@ def test_simulate_runs_the_mmd_model_end_to_end_and_its_report_recomputes(tmp_pa
     cmd = [sys.executable, "-m", "fedgen.cli", "simulate", "--out", str(out)]
     for setting in [*MMD, "federation.rounds=2", "federation.min_train_clients=3",
                     "run.eval_every=2", "evaluation.samples=100", "evaluation.downstream=never",
-                    "privacy.canaries=20", f"evaluation.cache_dir={tmp_path / 'cache'}",
-                    "federation.client_cpus=2.0"]:  # fmt: skip
+                    "privacy.canaries=20", f"evaluation.cache_dir={tmp_path / 'cache'}"]:  # fmt: skip
         cmd += ["--set", setting]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

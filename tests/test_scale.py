@@ -42,7 +42,7 @@ TINY = [
     f"federation.fraction_train={SAMPLED / NODES}", f"federation.min_train_clients={SAMPLED}",
     f"federation.rounds={ROUNDS}", "training.local_steps=1", "training.batch_size=8",
     "model.generator_channels=16", "model.discriminator_hidden=16", "device=cpu",
-    "federation.client_cpus=2.0", "evaluation.samples=100", "evaluation.downstream=never",
+    "federation.client_cpus=1.0", "evaluation.samples=100", "evaluation.downstream=never",
     "evaluation.evaluator_epochs=1", "run.eval_examples=100",
 ]  # fmt: skip
 

@@ -110,7 +110,6 @@ def vq_run(tmp_path_factory, mnist_dir):
         "training.local_steps=5", "training.prior_local_steps=5", "training.batch_size=32",
         "model.vq_channels=8", "model.code_dim=4", "model.codebook_size=16", "model.groups=4",
         "model.prior_channels=16", "model.prior_layers=3", "run.eval_every=1",
-        "federation.client_cpus=2.0",  # one Ray actor: its imports cost more than this training
         "run.eval_examples=200", "device=cpu", "evaluation.samples=200",
         "evaluation.downstream_examples=300", "evaluation.downstream_epochs=1",
         "evaluation.evaluator_epochs=1",
@@ -127,7 +126,8 @@ def vq_run(tmp_path_factory, mnist_dir):
     ]
     for s in sets:
         cmd += ["--set", s]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=420, cwd=REPO)
+    # A guard against a hung run only: far above its minutes on a busy 2-core machine.
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out
 
