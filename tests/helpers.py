@@ -37,7 +37,7 @@ TINY_RUN = [
     "federation.min_train_clients=3",  # every client in every round: histories comparable
     # Two Ray actors of one torch thread each. Not one actor of 2 cores: that gives each
     # client 2 torch threads, and with the cores busy with other work every parallel op
-    # then waits on a descheduled thread (the suite took 47 min instead of 28 loaded).
+    # then waits on a descheduled thread (the suite took 47 min loaded; 36 min with this).
     "federation.client_cpus=1.0",
     "run.eval_every=2",  # round 2 evaluated, round 1 not: both kinds of round occur
     "evaluation.samples=100",
