@@ -36,7 +36,6 @@ from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import fedgen.opacus_logging  # noqa: F401  (undoes its import-time logging setup)
 from fedgen.config import PrivacyConfig, TrainingConfig
 from fedgen.dp_sgd import StepRecord, make_private
 from fedgen.models import ConditionalGAN
