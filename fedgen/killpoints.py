@@ -1,4 +1,5 @@
-"""Test hook: kill the whole process group at a named point of a round.
+"""Test hooks: kill the whole process group at a named point of a round, or hold the
+server before a round until a file exists.
 
 `FEDGEN_TEST_KILL_AT=<point>:<round>` (for example `report:2`) makes `kill_point` send
 SIGKILL to the process group of the calling process when the server reaches `<point>` of
@@ -16,6 +17,10 @@ Points, in the order a round reaches them (`fedgen.rounds.RoundRecorder.record`)
     committed   weights and server state are on disk; nothing that claims the round yet
     report      the privacy report claims the round
     evaluation  the round's sample grid and quality figures exist, its metrics line not
+
+`FEDGEN_TEST_HOLD_ROUND=<round>:<file>` makes the server wait, before round `<round>`
+samples its clients, until `<file>` exists. `tests/test_deployment.py` restarts a
+SuperNode in that pause, so the next round's message cannot go to the process it stops.
 """
 
 from __future__ import annotations
@@ -23,11 +28,14 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
+from pathlib import Path
 
-__all__ = ["KILL_POINTS", "ENV_VAR", "SIGNAL_VAR", "kill_point"]
+__all__ = ["KILL_POINTS", "ENV_VAR", "SIGNAL_VAR", "HOLD_VAR", "kill_point", "hold_point"]
 
 ENV_VAR = "FEDGEN_TEST_KILL_AT"
 SIGNAL_VAR = "FEDGEN_TEST_KILL_SIGNAL"
+HOLD_VAR = "FEDGEN_TEST_HOLD_ROUND"
 KILL_POINTS = ("replied", "checkpoint", "committed", "report", "evaluation")
 
 
@@ -52,3 +60,17 @@ def kill_point(point: str, server_round: int) -> None:
         os.kill(os.getpid(), signal.SIGINT)  # handled in the main thread
         threading.Event().wait()  # this thread goes no further
     os.killpg(os.getpgid(0), signal.SIGKILL)
+
+
+def hold_point(server_round: int) -> None:
+    """Wait until the file `HOLD_VAR` names exists, if it names `server_round`."""
+    wanted = os.environ.get(HOLD_VAR)
+    if not wanted:
+        return
+    at, _, path = wanted.partition(":")
+    if not at.isdigit() or not path:
+        raise ValueError(f"{HOLD_VAR}={wanted!r} is not <round>:<file>; fix or unset it")
+    if int(at) != server_round:
+        return
+    while not Path(path).exists():
+        time.sleep(0.1)

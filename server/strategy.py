@@ -29,6 +29,7 @@ from flwr.serverapp.strategy import (
 from fedgen.config import FedgenConfig
 from fedgen.console import plural
 from fedgen.files import tensors_digest
+from fedgen.killpoints import hold_point
 from fedgen.policy import FAILURE_CODES
 from fedgen.rounds import RoundRecorder
 from fedgen.updates import check_update, max_weight_change
@@ -254,6 +255,7 @@ def build_strategy(cfg: FedgenConfig, recorder: RoundRecorder, first_round: int 
             self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
         ) -> Iterable[Message]:
             server_round += offset
+            hold_point(server_round)  # a test hook; does nothing unless its variable is set
             recorder.round_started()
             self._sent = arrays
             messages = list(super().configure_train(server_round, arrays, config, grid))

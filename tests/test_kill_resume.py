@@ -358,6 +358,28 @@ def test_the_hook_is_inert_unless_its_point_and_round_come(monkeypatch):
     assert child.returncode == -signal.SIGKILL
 
 
+def test_the_hold_waits_for_its_file_in_its_round_only(monkeypatch, tmp_path):
+    import threading
+
+    from fedgen.killpoints import HOLD_VAR, hold_point
+
+    monkeypatch.delenv(HOLD_VAR, raising=False)
+    hold_point(2)  # unset: nothing happens
+    release = tmp_path / "go"
+    monkeypatch.setenv(HOLD_VAR, f"2:{release}")
+    hold_point(1)  # another round: passes at once
+    held = threading.Thread(target=hold_point, args=(2,), daemon=True)
+    held.start()
+    held.join(0.5)
+    assert held.is_alive()  # waiting: the file is not there
+    release.touch()
+    held.join(120)
+    assert not held.is_alive()
+    monkeypatch.setenv(HOLD_VAR, "two")
+    with pytest.raises(ValueError, match=f"{HOLD_VAR}='two' is not <round>:<file>"):
+        hold_point(2)
+
+
 class Stopped(Exception):
     """Stands in for the kill inside this process: every write before it is whole."""
 

@@ -1,5 +1,7 @@
+import atexit
 import copy
 import json
+import shutil
 import tempfile
 
 import numpy as np
@@ -81,7 +83,9 @@ def test_clipping_bounds_one_examples_influence(mnist_dir):
 
 def _train_message(cfg, weights, server_round, ledger_dir=None, run_id="run-a"):
     # The server names the folder standing in for each simulated device's disk.
-    ledger_dir = ledger_dir or tempfile.mkdtemp(prefix="fedgen-ledgers-")
+    if ledger_dir is None:
+        ledger_dir = tempfile.mkdtemp(prefix="fedgen-ledgers-")
+        atexit.register(shutil.rmtree, ledger_dir, True)  # not left in /tmp by every run
     return train_message(
         cfg, weights, server_round, **{"run-id": run_id, "sim-ledger-dir": str(ledger_dir)}
     )

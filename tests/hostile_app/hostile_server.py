@@ -68,7 +68,9 @@ def main(grid: Grid, context: Context) -> None:
     weights = ArrayRecord(build_model(honest.model, 10, seed=0).state_dict())
     results: dict[str, list[dict]] = {}
 
-    def messages_for(extra: list[str], run_id: str, server_round: int) -> list[Message]:
+    def messages_for(
+        extra: list[str], run_id: str, server_round: int, to: list[int]
+    ) -> list[Message]:
         cfg = load_config(None, [*overrides, *extra])
         config = ConfigRecord(
             {"fedgen-config": cfg.to_json(), "server-round": server_round, "run-id": run_id}
@@ -79,20 +81,19 @@ def main(grid: Grid, context: Context) -> None:
                 dst_node_id=node,
                 message_type=MessageType.TRAIN,
             )
-            for node in nodes
+            for node in to
         ]
 
-    # The honest round first (the hostile ones judge against its ledger), then every hostile
-    # request at once: each device answers them one by one under its lock, and nothing in
-    # a decline depends on the order.
+    # The honest round first, on every device (the hostile ones judge against its ledger),
+    # then every hostile request at once, each to one device in turn (the devices run the
+    # same policy; each message starts a ClientApp process, seconds of CPU): each device
+    # answers them one by one under its lock, and nothing in a decline depends on the order.
     (name, extra, run_id, server_round), *hostile = ATTEMPTS
-    results[name] = [
-        _reply(r)
-        for r in grid.send_and_receive(messages_for(extra, run_id, server_round), timeout=300)
-    ]
+    honest_round = messages_for(extra, run_id, server_round, nodes)
+    results[name] = [_reply(r) for r in grid.send_and_receive(honest_round, timeout=300)]
     sent: dict[str, str] = {}
-    for name, extra, run_id, server_round in hostile:
-        batch = messages_for(extra, run_id, server_round)
+    for i, (name, extra, run_id, server_round) in enumerate(hostile):
+        batch = messages_for(extra, run_id, server_round, [nodes[i % len(nodes)]])
         for message_id in grid.push_messages(batch):
             sent[message_id] = name
         results[name] = []
