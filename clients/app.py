@@ -113,7 +113,7 @@ def train(msg: Message, context: Context) -> Message:
         config = msg.content["config"]
         config_json = str(config["fedgen-config"])
         cfg = config_from_dict(json.loads(config_json))
-        torch.set_num_threads(max(1, int(cfg.federation.client_cpus)))
+        torch.set_num_threads(cfg.federation.torch_threads)
         device = _device(context, config)
         client_id = device.client_id
         policy = _policy(context, cfg, device)

@@ -173,8 +173,17 @@ class FederationConfig(_Section):
     client_cpus: float = Field(
         1.0,
         gt=0.0,
-        description="CPU cores reserved per simulated client (whole ones set its torch "
-        "threads); a simulation starts no more Ray actors than a round trains clients.",
+        description="CPU cores reserved per simulated client; a simulation starts no more Ray "
+        "actors than a round trains clients, nor more than the cores hold at this share.",
+    )
+    client_threads: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="Torch threads a client trains with. Unset: client_cpus rounded down (at "
+        "least 1). Fewer threads than cores reserved, e.g. client_cpus 2 with 1 thread on a "
+        "2-core machine, runs a round's clients one after another in a single Ray actor: one "
+        "process to start instead of two, and no thread waiting on a busy core.",
     )
     client_gpus: float = Field(
         0.0, ge=0.0, le=1.0, description="GPU share per simulated client (0.25: four share one)."
@@ -196,6 +205,11 @@ class FederationConfig(_Section):
         "or decline (privacy budget) are reported and left out, and a round with fewer "
         "updates stops the run with an error.",
     )
+
+    @property
+    def torch_threads(self) -> int:
+        """Torch threads per client: `client_threads`, else whole `client_cpus`."""
+        return self.client_threads or max(1, int(self.client_cpus))
 
     @property
     def clients_per_round(self) -> int:
@@ -836,7 +850,8 @@ def _default(field: Any) -> str:
 # clients' accounting wrong for the rest of the run).
 RESUME_SAFE = ("run.", "evaluation.", "device", "federation.round_timeout",
                "federation.first_round_timeout",
-               "federation.client_cpus", "federation.client_gpus", "federation.min_replies")  # fmt: skip
+               "federation.client_cpus", "federation.client_threads", "federation.client_gpus",
+               "federation.min_replies")  # fmt: skip
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

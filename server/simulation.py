@@ -30,7 +30,7 @@ def backend_config(cfg: FedgenConfig) -> dict:
     machine's cores, and each actor imports torch and Opacus (seconds of CPU) before its
     first client: more actors than a round trains clients would only pay that. Each actor
     is then reserved the cores the round leaves it (floored to Ray's 1e-4 resolution, so
-    the actors still fit); its torch threads stay `client_cpus`."""
+    the actors still fit); its torch threads are `federation.torch_threads`."""
     fed = cfg.federation
     cpus = max(os.cpu_count() or 1, math.ceil(fed.client_cpus))
     per_actor = max(fed.client_cpus, _actor_share(cpus, fed.clients_per_round))

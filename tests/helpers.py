@@ -27,6 +27,14 @@ SMALL = [
     "device=cpu",
 ]
 
+# A simulation's clients one after another in one Ray actor with one torch thread, where a
+# test's federation is tiny: each actor costs seconds of CPU to start (torch, Opacus,
+# fedgen), and on the suite's two busy cores a second actor buys nothing. One thread, not
+# the two cores reserved: with the cores busy with other work, a parallel op waits on a
+# descheduled thread (client_cpus=2 alone, two threads, took the loaded suite 47 min
+# instead of 36).
+ONE_ACTOR = ["federation.client_cpus=2.0", "federation.client_threads=1"]
+
 # The tiny real simulation (Flower + Ray, 3 clients, 3 rounds, every client in every
 # round, rounds 2 and 3 evaluated) that several test files read: `tiny_run` in conftest.py
 # runs it once for the whole suite.
@@ -35,10 +43,7 @@ TINY_RUN = [
     *SMALL,
     f"federation.rounds={TINY_RUN_ROUNDS}",
     "federation.min_train_clients=3",  # every client in every round: histories comparable
-    # Two Ray actors of one torch thread each. Not one actor of 2 cores: that gives each
-    # client 2 torch threads, and with the cores busy with other work every parallel op
-    # then waits on a descheduled thread (the suite took 47 min loaded; 36 min with this).
-    "federation.client_cpus=1.0",
+    *ONE_ACTOR,
     "run.eval_every=2",  # round 2 evaluated, round 1 not: both kinds of round occur
     "evaluation.samples=100",
     "evaluation.downstream=never",

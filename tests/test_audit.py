@@ -39,6 +39,7 @@ from fedgen.privacy import PlannedBudget, calibrate_noise, epsilon_of
 from fedgen.training import train_gan_locally
 
 from .conftest import REPO
+from .helpers import ONE_ACTOR
 
 # ----------------------------------------------------------------------------- the bound
 
@@ -340,7 +341,7 @@ SIM = [
     "training.batch_size=16", "model.generator_channels=16", "model.latent_dim=16",
     "model.groups=4", "privacy.target_epsilon=2", "privacy.canaries=20", "device=cpu",
     "run.eval_every=100", "evaluation.samples=100", "evaluation.downstream=never",
-    "evaluation.evaluator_epochs=1",
+    "evaluation.evaluator_epochs=1", *ONE_ACTOR,
 ]  # fmt: skip
 VQ = [
     "model.type=vqvae", "model.vq_channels=8", "model.code_dim=4", "model.codebook_size=16",

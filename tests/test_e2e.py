@@ -10,6 +10,7 @@ import yaml
 from fedgen.privacy import epsilon_of
 
 from .conftest import REPO
+from .helpers import ONE_ACTOR
 
 ROUNDS, CLIENTS, LOCAL_STEPS = 2, 3, 6
 # Small but real quality evaluation: the evaluator trains on the run's 1500 images.
@@ -45,7 +46,7 @@ def run_dir(tmp_path_factory, mnist_dir, evaluator_cache):
         "--set", "device=cpu",
         "--set", f"evaluation.cache_dir={evaluator_cache}",
     ]  # fmt: skip
-    for setting in EVALUATION:
+    for setting in [*EVALUATION, *ONE_ACTOR]:
         cmd += ["--set", setting]
     # A guard against a hung run only: far above its minutes on a busy 2-core machine.
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, cwd=REPO)

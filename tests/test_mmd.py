@@ -20,7 +20,7 @@ from fedgen.rounds import client_round, plan_privacy
 from fedgen.secure_random import SecureRandom
 
 from .conftest import REPO
-from .helpers import SMALL
+from .helpers import ONE_ACTOR, SMALL
 
 MMD = [
     *SMALL,
@@ -275,7 +275,7 @@ def test_the_mmd_fit_draws_the_classes_after_a_hundred_and_fifty_steps(glyph_eva
 def test_simulate_runs_the_mmd_model_end_to_end_and_its_report_recomputes(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "fedgen.cli", "simulate", "--out", str(out)]
-    for setting in [*MMD, "federation.rounds=2", "federation.min_train_clients=3",
+    for setting in [*MMD, *ONE_ACTOR, "federation.rounds=2", "federation.min_train_clients=3",
                     "run.eval_every=2", "evaluation.samples=100", "evaluation.downstream=never",
                     "privacy.canaries=20", f"evaluation.cache_dir={tmp_path / 'cache'}"]:  # fmt: skip
         cmd += ["--set", setting]

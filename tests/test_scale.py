@@ -34,7 +34,7 @@ from fedgen.privacy import (
 from fedgen.verify import verify_run
 
 from .conftest import REPO
-from .helpers import small_config
+from .helpers import ONE_ACTOR, small_config
 
 NODES, SAMPLED, ROUNDS = 40, 4, 2
 TINY = [
@@ -42,7 +42,7 @@ TINY = [
     f"federation.fraction_train={SAMPLED / NODES}", f"federation.min_train_clients={SAMPLED}",
     f"federation.rounds={ROUNDS}", "training.local_steps=1", "training.batch_size=8",
     "model.generator_channels=16", "model.discriminator_hidden=16", "device=cpu",
-    "federation.client_cpus=1.0", "evaluation.samples=100", "evaluation.downstream=never",
+    *ONE_ACTOR, "evaluation.samples=100", "evaluation.downstream=never",
     "evaluation.evaluator_epochs=1", "run.eval_examples=100",
 ]  # fmt: skip
 
@@ -197,6 +197,7 @@ def test_calibrations_started_from_their_neighbours_reach_the_target_cheaply(mon
         (2, 0.5, 4, 4),
         (3, 1.0, 40, 3),
         (1, 2.0, 4, 1),
+        (2, 2.0, 3, 1),  # the suite's ONE_ACTOR: a tiny run's clients in turn
         (7, 0.1, 25, 25),  # 7 / 0.28 is 24.999... in floating point: the share is 0.2799
     ],
 )

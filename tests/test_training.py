@@ -102,6 +102,28 @@ def _context(cfg, partition_id: int) -> Context:
     )
 
 
+@pytest.mark.parametrize(
+    ("settings", "threads"),
+    [
+        ([], 1),
+        (["federation.client_cpus=2"], 2),
+        (["federation.client_cpus=2", "federation.client_threads=1"], 1),
+    ],
+)
+def test_a_client_trains_with_the_threads_its_config_gives(tmp_path, settings, threads):
+    cfg = small_config("training.local_steps=2", *settings)
+    assert cfg.federation.torch_threads == threads
+    weights = build_gan(cfg.model, seed=0).state_dict()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)  # neither answer: the ClientApp must set it
+        reply = client_train(_train_message(cfg, weights, 1, tmp_path), _context(cfg, 0))
+        assert "arrays" in reply.content
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_client_reply_holds_only_weights_scalars_and_its_cumulative_history(tmp_path):
     cfg = small_config()
     model = build_gan(cfg.model, seed=0)

@@ -16,7 +16,7 @@ from fedgen.privacy import epsilon_of
 from fedgen.rounds import client_round, plan_privacy
 
 from .conftest import REPO
-from .helpers import small_config
+from .helpers import ONE_ACTOR, small_config
 
 VQ_SMALL = [
     "model.type=vqvae",
@@ -112,7 +112,7 @@ def vq_run(tmp_path_factory, mnist_dir):
         "model.prior_channels=16", "model.prior_layers=3", "run.eval_every=1",
         "run.eval_examples=200", "device=cpu", "evaluation.samples=200",
         "evaluation.downstream_examples=300", "evaluation.downstream_epochs=1",
-        "evaluation.evaluator_epochs=1",
+        "evaluation.evaluator_epochs=1", *ONE_ACTOR,
         f"evaluation.cache_dir={tmp_path_factory.mktemp('evaluators')}",
     ]  # fmt: skip
     cmd = [
