@@ -42,9 +42,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    position = {id(item): i for i, item in enumerate(items)}
-    # Stable within a file: its tests keep their order (module fixtures rely on it).
-    items.sort(key=lambda item: (rank.get(item.path.name, len(rank)), position[id(item)]))
+    # list.sort is stable: a file's tests keep their order (module fixtures rely on it).
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 def mnist_root() -> Path:
