@@ -106,14 +106,13 @@ class Evaluator:
         labels = quality.balanced_labels(ev.samples, seed)
         images = quality.generate(model, labels, seed)
         real = self.real_test[0][: ev.samples]
+        feats, consistency = quality.features_and_label_consistency(classifier, images, labels)
         metrics: dict = {
             "evaluator_test_accuracy": info["test_accuracy"],
-            "frechet_distance": quality.frechet_distance(
-                quality.features(classifier, images), self._real_features
-            ),
+            "frechet_distance": quality.frechet_distance(feats, self._real_features),
             "frechet_generated_samples": len(images),
             "frechet_real_samples": len(real),
-            "label_consistency": quality.label_consistency(classifier, images, labels),
+            "label_consistency": consistency,
         }
         if ev.inception_weights:
             weights = Path(ev.inception_weights).expanduser()

@@ -17,6 +17,7 @@ from fedgen.config import ModelConfig
 
 __all__ = [
     "Generator",
+    "NearestUpsampleConv",
     "Discriminator",
     "ScatterFeatures",
     "ScatterDiscriminator",
@@ -31,6 +32,44 @@ __all__ = [
 ]
 
 IMAGE_SIZE = 28
+
+
+class NearestUpsampleConv(nn.Module):
+    """Nearest 2x upsampling then a 3x3 convolution (padding 1), computed at the input's
+    resolution: the same function as `nn.Upsample` + `nn.Conv2d`, about 1.7x faster on
+    the CPU (`simulations/bench_generator_step.py`).
+
+    Why it is the same: after nearest upsampling, output pixel 2i+a (a in {0, 1}) reads
+    input pixels i-1..i+1 with weights that are sums of the kernel's taps (for a = 0:
+    w[-1] on i-1, w[0] + w[1] on i; for a = 1: w[-1] + w[0] on i, w[1] on i+1). So
+    each of the four output phases is a 3x3 convolution of the input with a folded
+    kernel; the four are stacked as channels and interleaved by a pixel shuffle. Only
+    the folded kernel is computed, not the 4x larger upsampled input.
+
+    `weight` and `bias` are an `nn.Conv2d`'s (same names, shapes and initialisation), so
+    checkpoints of the two forms load into each other. Not for a network DP-SGD trains:
+    Opacus has no per-example rule for this layer (the generators never need one)."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        conv = nn.Conv2d(in_channels, out_channels, 3, padding=1)  # its initialisation
+        self.weight, self.bias = conv.weight, conv.bias
+        # fold[a, t, k]: weight of the kernel's tap k (-1, 0, +1) on the input's tap t
+        # (-1, 0, +1) for output phase a; in 2-D, one (9, 36) matrix from the kernel's
+        # taps (k, l) to the folded kernels' (a, b, t, s).
+        fold = torch.zeros(2, 3, 3)
+        fold[0, 0, 0] = fold[0, 1, 1] = fold[0, 1, 2] = 1.0
+        fold[1, 1, 0] = fold[1, 1, 1] = fold[1, 2, 2] = 1.0
+        fold_2d = torch.einsum("atk,bsl->klabts", fold, fold).reshape(9, 36)
+        self.register_buffer("fold", fold_2d, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out_channels, in_channels = self.weight.shape[:2]
+        kernel = (self.weight.reshape(-1, 9) @ self.fold).view(out_channels, in_channels, 4, 9)
+        # Output channel o * 4 + a * 2 + b is phase (a, b) of channel o: pixel_shuffle's order.
+        kernel = kernel.transpose(1, 2).reshape(out_channels * 4, in_channels, 3, 3)
+        y = F.conv2d(x, kernel, self.bias.repeat_interleave(4), padding=1)
+        return F.pixel_shuffle(y, 2)
 
 
 class Generator(nn.Module):
@@ -53,12 +92,14 @@ class Generator(nn.Module):
         self.body = nn.Sequential(
             nn.GroupNorm(groups, wide),
             nn.ReLU(),
-            nn.Upsample(scale_factor=2, mode="nearest"),  # 14x14
-            nn.Conv2d(wide, channels, 3, padding=1),
+            # Identity keeps the layers' indices (the checkpoints' keys) of the
+            # Upsample + Conv2d pairs that NearestUpsampleConv now computes in one.
+            nn.Identity(),
+            NearestUpsampleConv(wide, channels),  # 14x14
             nn.GroupNorm(groups // 2 or 1, channels),
             nn.ReLU(),
-            nn.Upsample(scale_factor=2, mode="nearest"),  # 28x28
-            nn.Conv2d(channels, channels // 2, 3, padding=1),
+            nn.Identity(),
+            NearestUpsampleConv(channels, channels // 2),  # 28x28
             nn.GroupNorm(groups // 4 or 1, channels // 2),
             nn.ReLU(),
             nn.Conv2d(channels // 2, 1, 3, padding=1),

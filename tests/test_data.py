@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from fedgen import data as fdata
-from fedgen.data import DataError, load_mnist, make_glyphs, partition
+from fedgen.data import DataError, load_mnist, make_glyphs, partition, to_tensors
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,10 @@ def test_truncated_idx_is_reported(tmp_path, mnist_dir):
 
 
 def test_glyphs_are_deterministic_balanced_and_distinct_per_class():
-    a, b = make_glyphs(20, seed=3), make_glyphs(20, seed=3)
+    a = make_glyphs(20, seed=3)
+    make_glyphs.cache_clear()  # a second draw, not the process's cached one
+    b = make_glyphs(20, seed=3)
+    assert a is not b
     assert np.array_equal(a.images, b.images) and np.array_equal(a.labels, b.labels)
     assert np.bincount(a.labels).tolist() == [20] * 10
     means = np.stack([a.images[a.labels == c].mean(0) for c in range(10)])
@@ -65,6 +68,22 @@ def test_glyphs_are_deterministic_balanced_and_distinct_per_class():
     assert dists[~np.eye(10, dtype=bool)].min() > 50
     test = make_glyphs(20, seed=3, split="test")
     assert not np.array_equal(test.images[:20], a.images[:20])
+
+
+def test_a_process_draws_the_glyphs_once_and_shares_them_read_only():
+    make_glyphs.cache_clear()
+    first = make_glyphs(3, seed=7)
+    assert make_glyphs(3, seed=7) is first and make_glyphs.cache_info().hits == 1
+    with pytest.raises(ValueError, match="read-only"):
+        first.images[0, 0, 0] = 1
+    with pytest.raises(ValueError, match="read-only"):
+        first.labels[0] = 1
+    # What callers get to change is theirs: a subset and the tensors are copies.
+    part = first.subset(np.arange(5))
+    part.images[0, 0, 0] = 255
+    _, labels = to_tensors(first)
+    labels[0] = 9 - labels[0]
+    assert first.images[0, 0, 0] != 255 and first.labels[0] != labels[0]
 
 
 @pytest.mark.parametrize("method", ["iid", "dirichlet", "shards"])

@@ -77,6 +77,17 @@ def test_label_consistency_rewards_right_labels(evaluator, mnist):
     assert quality.label_consistency(model, test_x, (test_y + 1) % 10) < 0.05
 
 
+def test_one_pass_gives_the_features_and_the_label_consistency_of_two(evaluator, mnist):
+    model, _, _, _ = evaluator
+    _, (test_x, test_y) = mnist
+    labels = test_y.clone()
+    labels[::3] = (labels[::3] + 1) % 10  # a third wrong: a consistency well inside (0, 1)
+    feats, consistency = quality.features_and_label_consistency(model, test_x, labels)
+    np.testing.assert_allclose(feats, quality.features(model, test_x), rtol=1e-6, atol=1e-6)
+    assert consistency == pytest.approx(quality.label_consistency(model, test_x, labels))
+    assert 0.5 < consistency < 0.7
+
+
 def test_downstream_accuracy_of_real_images_is_high_and_of_random_labels_is_chance(mnist):
     (train_x, train_y), test = mnist
     recipe = quality.ClassifierRecipe(epochs=3)
