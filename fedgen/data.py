@@ -7,6 +7,7 @@ deterministic for a seed, disjoint, and covering every example.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import os
@@ -15,6 +16,7 @@ import struct
 import tempfile
 import urllib.error
 import urllib.request
+import zipfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -31,6 +33,7 @@ __all__ = [
     "Dataset",
     "load_mnist",
     "make_glyphs",
+    "glyph_cache_dir",
     "load_dataset",
     "DeviceData",
     "load_device_data",
@@ -227,21 +230,79 @@ def _draw_glyph(label: int, rng: np.random.Generator) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
-@lru_cache(maxsize=4)
-def make_glyphs(per_class: int, seed: int = 0, split: str = "train") -> Dataset:
-    """Built-in dataset: procedurally drawn, class-labelled 28x28 shapes (no download).
+# Bump when `_draw_glyph` or `_draw_glyphs` changes what it draws: the cached files of
+# another version are then never read.
+GLYPHS_VERSION = 1
+# Smaller sets are drawn faster than a file is read and written.
+_GLYPHS_WORTH_CACHING = 1000
 
-    Drawn once per process for each (per_class, seed, split), about 0.2 ms a glyph: the
-    pre-flight check and the server's evaluator of a simulation share one draw. The
-    arrays are read-only, as they are shared (`Dataset.subset` copies)."""
+
+def glyph_cache_dir() -> Path:
+    """Where drawn glyph sets are kept: $FEDGEN_CACHE_DIR/glyphs, else
+    ~/.cache/fedgen/glyphs."""
+    env = os.environ.get("FEDGEN_CACHE_DIR")
+    base = Path(env).expanduser() if env else Path.home() / ".cache" / "fedgen"
+    return base / "glyphs"
+
+
+def _draw_glyphs(per_class: int, seed: int, split: str) -> Dataset:
     # Train and test draw from different streams so they never share an image.
     rng = np.random.default_rng([seed, 0 if split == "train" else 1])
     labels = np.repeat(np.arange(NUM_CLASSES), per_class)
     rng.shuffle(labels)
     images = np.stack([_draw_glyph(int(y), rng) for y in labels])
-    labels = labels.astype(np.int64)
-    images.flags.writeable = labels.flags.writeable = False
+    return Dataset(images, labels.astype(np.int64), "glyphs")
+
+
+def _read_glyphs(path: Path, per_class: int) -> Dataset | None:
+    """The cached set at `path`, or None when it is missing or not a whole set."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            images, labels = npz["images"], npz["labels"]
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError):
+        return None
+    n = per_class * NUM_CLASSES
+    if (
+        images.shape != (n, IMAGE_SIZE, IMAGE_SIZE)
+        or images.dtype != np.uint8
+        or labels.shape != (n,)
+        or labels.dtype != np.int64
+        or np.bincount(labels, minlength=NUM_CLASSES).tolist() != [per_class] * NUM_CLASSES
+    ):
+        return None
     return Dataset(images, labels, "glyphs")
+
+
+def _write_glyphs(path: Path, data: Dataset) -> None:
+    """Best effort: a cache that cannot be written costs a draw next time, nothing else."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, images=data.images, labels=data.labels)
+        os.replace(tmp, path)  # whole or absent: a reader never sees half a file
+    except OSError:
+        with contextlib.suppress(OSError):  # the folder itself may be what failed
+            tmp.unlink(missing_ok=True)
+
+
+@lru_cache(maxsize=4)
+def make_glyphs(per_class: int, seed: int = 0, split: str = "train") -> Dataset:
+    """Built-in dataset: procedurally drawn, class-labelled 28x28 shapes (no download).
+
+    Drawing takes about 0.2 ms a glyph, so a set is drawn once per machine (kept under
+    `glyph_cache_dir()`, like a downloaded dataset) and read once per process: a
+    simulation's pre-flight check draws it, and its clients and evaluator read it. The
+    arrays are read-only, as they are shared (`Dataset.subset` copies)."""
+    cached = per_class * NUM_CLASSES >= _GLYPHS_WORTH_CACHING
+    path = glyph_cache_dir() / f"glyphs-v{GLYPHS_VERSION}-{split}-seed{seed}-{per_class}.npz"
+    data = _read_glyphs(path, per_class) if cached else None
+    if data is None:
+        data = _draw_glyphs(per_class, seed, split)
+        if cached:
+            _write_glyphs(path, data)
+    data.images.flags.writeable = data.labels.flags.writeable = False
+    return data
 
 
 # --------------------------------------------------------------------------- selection

@@ -130,3 +130,58 @@ def test_shards_give_few_labels_per_client(labels):
 def test_more_clients_than_examples_is_an_error():
     with pytest.raises(DataError, match="every client needs data"):
         partition(np.zeros(3, dtype=np.int64), 5)
+
+
+def test_a_machine_draws_a_glyph_set_once_and_reads_it_back(tmp_path, monkeypatch):
+    from fedgen import data as data_module
+
+    monkeypatch.setenv("FEDGEN_CACHE_DIR", str(tmp_path))
+    make_glyphs.cache_clear()
+    drawn = make_glyphs(100, seed=11)  # 1,000 glyphs: worth a file
+    (path,) = (tmp_path / "glyphs").iterdir()
+    assert path.name == f"glyphs-v{data_module.GLYPHS_VERSION}-train-seed11-100.npz"
+
+    def no_drawing(*args):
+        raise AssertionError("drew a glyph that was cached")
+
+    monkeypatch.setattr(data_module, "_draw_glyph", no_drawing)
+    make_glyphs.cache_clear()  # as a fresh process would
+    read = make_glyphs(100, seed=11)
+    assert np.array_equal(read.images, drawn.images) and np.array_equal(read.labels, drawn.labels)
+    assert not read.images.flags.writeable
+    # Another seed or split is another set.
+    with pytest.raises(AssertionError, match="drew a glyph"):
+        make_glyphs(100, seed=12)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not a zip", "wrong labels"])
+def test_a_damaged_glyph_file_is_drawn_again_and_replaced(tmp_path, monkeypatch, damage):
+    monkeypatch.setenv("FEDGEN_CACHE_DIR", str(tmp_path))
+    make_glyphs.cache_clear()
+    good = make_glyphs(100, seed=11)
+    (path,) = (tmp_path / "glyphs").iterdir()
+    whole = path.read_bytes()
+    if damage == "truncated":
+        path.write_bytes(whole[: len(whole) // 2])
+    elif damage == "not a zip":
+        path.write_text("hello")
+    else:
+        np.savez_compressed(path, images=good.images, labels=np.zeros(len(good), np.int64))
+    make_glyphs.cache_clear()
+    again = make_glyphs(100, seed=11)
+    assert np.array_equal(again.images, good.images) and np.array_equal(again.labels, good.labels)
+    make_glyphs.cache_clear()
+    with np.load(path) as npz:  # rewritten whole
+        assert np.array_equal(npz["labels"], good.labels)
+
+
+def test_glyphs_need_no_writable_cache_and_small_sets_no_file(tmp_path, monkeypatch):
+    blocked = tmp_path / "file"
+    blocked.write_text("a file where the cache folder would go")
+    monkeypatch.setenv("FEDGEN_CACHE_DIR", str(blocked))
+    make_glyphs.cache_clear()
+    assert len(make_glyphs(100, seed=11)) == 1000  # drawn, the write failed quietly
+    monkeypatch.setenv("FEDGEN_CACHE_DIR", str(tmp_path / "cache"))
+    make_glyphs.cache_clear()
+    assert len(make_glyphs(20, seed=11)) == 200
+    assert not (tmp_path / "cache").exists()  # 200 glyphs: drawn faster than read
