@@ -10,8 +10,8 @@ planned rate:
   noise is drawn from a ChaCha20 stream (`fedgen.secure_random`);
 - `PoissonBatches`, which samples each example with probability `sample_rate` from the
   same stream;
-- `StepRecord`, the accountant history, which counts one (noise, `sample_rate`) step each
-  time the optimizer adds noise.
+- `StepRecord` (in `fedgen.privacy`, which needs no Opacus), the accountant history,
+  which counts one (noise, `sample_rate`) step each time the optimizer adds noise.
 
 The averaging denominator is the planned expected batch size (a constant, never the size
 of the drawn batch), so the released update does not depend on n beyond what the
@@ -30,7 +30,7 @@ from opacus.validators import ModuleValidator
 from torch import nn
 
 import fedgen.opacus_logging  # noqa: F401  (undoes its import-time logging setup)
-from fedgen.privacy import HistoryEntry
+from fedgen.privacy import HistoryEntry, StepRecord
 from fedgen.secure_random import SecureRandom
 
 __all__ = ["SecureDPOptimizer", "PoissonBatches", "StepRecord", "make_private"]
@@ -68,22 +68,6 @@ class PoissonBatches:
         while True:
             idx = self.rng.poisson_indices(n, self.sample_rate)
             yield tuple(t[idx] for t in self.tensors)
-
-
-class StepRecord:
-    """The accountant history: (noise multiplier, sample rate, steps) entries, equal
-    consecutive entries merged (as Opacus's accountants do)."""
-
-    def __init__(self, history: list[HistoryEntry], noise_multiplier: float, sample_rate: float):
-        self.history = [(float(s), float(q), int(n)) for s, q, n in history]
-        self.entry = (float(noise_multiplier), float(sample_rate))
-
-    def step(self, _optimizer: DPOptimizer | None = None) -> None:
-        if self.history and self.history[-1][:2] == self.entry:
-            sigma, q, n = self.history[-1]
-            self.history[-1] = (sigma, q, n + 1)
-        else:
-            self.history.append((*self.entry, 1))
 
 
 def make_private(

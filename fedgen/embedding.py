@@ -34,9 +34,8 @@ import math
 import torch
 
 from fedgen.config import PrivacyConfig, TrainingConfig
-from fedgen.dp_sgd import StepRecord
 from fedgen.models import MMDGenerator
-from fedgen.privacy import HistoryEntry
+from fedgen.privacy import HistoryEntry, StepRecord
 from fedgen.secure_random import SecureRandom
 from fedgen.training import GeneratorEMA, LocalResult, export_adam, import_adam
 

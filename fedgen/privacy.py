@@ -30,6 +30,7 @@ from dp_accounting import pld, rdp
 
 __all__ = [
     "HistoryEntry",
+    "StepRecord",
     "PlannedBudget",
     "ClientPrivacyState",
     "ACCOUNTANTS",
@@ -43,6 +44,24 @@ __all__ = [
 ]
 
 HistoryEntry = tuple[float, float, int]
+
+
+class StepRecord:
+    """The accountant history: (noise multiplier, sample rate, steps) entries, equal
+    consecutive entries merged (as Opacus's accountants do). Opacus's optimizer calls
+    `step` once per noised step; the `mmd` family's release calls it itself."""
+
+    def __init__(self, history: list[HistoryEntry], noise_multiplier: float, sample_rate: float):
+        self.history = [(float(s), float(q), int(n)) for s, q, n in history]
+        self.entry = (float(noise_multiplier), float(sample_rate))
+
+    def step(self, _optimizer: object = None) -> None:
+        if self.history and self.history[-1][:2] == self.entry:
+            sigma, q, n = self.history[-1]
+            self.history[-1] = (sigma, q, n + 1)
+        else:
+            self.history.append((*self.entry, 1))
+
 
 ACCOUNTANTS = ("rdp", "pld")
 NEIGHBORING = ("add_remove", "replace_one")

@@ -37,7 +37,6 @@ from fedgen.privacy import ClientPrivacyState, epsilon_of
 from fedgen.privacy_report import PrivacyLedger
 from fedgen.reports import RunDir
 from fedgen.training import LocalResult, resolve_device, train_dp_locally, train_gan_locally
-from fedgen.vqvae import encode_codes, prior_loss, vqvae_loss
 
 __all__ = [
     "ClientPrivacyState",
@@ -214,6 +213,11 @@ def _train_vqvae_stage(
     on the client, and trains the prior on those codes with DP-SGD. `optimizer_state`
     (None: not kept): the client's Adam state from its last round; a state kept for the
     other stage does not match (its prefix is the stage's) and Adam starts afresh."""
+    # Here, not at the top: fedgen.vqvae registers an Opacus grad sampler on import, and
+    # the other families' rounds need no Opacus (its import costs about 2 CPU-seconds).
+    # A VQ-VAE model exists only once fedgen.models has imported it, registration included.
+    from fedgen.vqvae import encode_codes, prior_loss, vqvae_loss
+
     tr = cfg.training
     if stage == "vqvae":
         module: torch.nn.Module = model.vqvae

@@ -27,20 +27,33 @@ import contextlib
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from opacus import GradSampleModule
-from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedgen.config import PrivacyConfig, TrainingConfig
-from fedgen.dp_sgd import StepRecord, make_private
 from fedgen.models import ConditionalGAN
-from fedgen.privacy import HistoryEntry
+from fedgen.privacy import HistoryEntry, StepRecord
 from fedgen.secure_random import SecureRandom
+
+if TYPE_CHECKING:
+    from opacus.optimizers import DPOptimizer
+
+
+def _opacus() -> tuple[type, type]:
+    """Opacus's GradSampleModule and DPOptimizer, imported on first use rather than with
+    this module: the import costs about 2 CPU-seconds, and the `mmd` family's rounds
+    (which import this module for its optimizer-state helpers) never use Opacus."""
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    import fedgen.opacus_logging  # noqa: F401  (undoes Opacus's import-time logging setup)
+
+    return GradSampleModule, DPOptimizer
+
 
 __all__ = [
     "DPRound",
@@ -130,7 +143,8 @@ def import_adam(
 def _hooks_off(module: nn.Module) -> Iterator[None]:
     """Forward/backward through the discriminator without Opacus recording per-example
     gradients (fake images, generator steps)."""
-    if isinstance(module, GradSampleModule):
+    grad_sample_module, _ = _opacus()
+    if isinstance(module, grad_sample_module):
         module.disable_hooks()
         try:
             yield
@@ -159,6 +173,8 @@ def _maybe_private(
     rate = sample_rate if sample_rate is not None else batch_size / tensors[0].shape[0]
     # Keyed from OS entropy; from the config's seed only for reproducible research runs.
     rng = SecureRandom.from_seed(seed) if privacy.reproducible_noise else SecureRandom()
+    from fedgen.dp_sgd import make_private  # Opacus: on first use (see _opacus)
+
     private_module, dp_opt, batches, record = make_private(
         module,
         optimizer,
@@ -261,7 +277,7 @@ def discriminator_step(
     `physical_batch_size` rows, with the same result). Under DP, Opacus clips and noises
     the real rows only; the fake rows' (clipped) mean and `extra_grads` are added after the
     noise (see the module doc). Returns the mean loss on fake images."""
-    is_dp = isinstance(optimizer, DPOptimizer)
+    is_dp = isinstance(optimizer, _opacus()[1])
     params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
     optimizer.zero_grad(set_to_none=True)
     n_real = real.shape[0]
@@ -489,7 +505,7 @@ def train_gan_locally(
                 if ema is not None:
                     ema.update(gen)
     finally:
-        if isinstance(d_module, GradSampleModule):
+        if isinstance(d_module, _opacus()[0]):
             d_module._close()  # remove Opacus hooks so the model is plain again
     if ema is not None:
         ema.copy_to(gen)
@@ -501,7 +517,7 @@ def train_gan_locally(
         "g_steps": float(len(g_losses)),
     }
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    d_plain = d_opt.original_optimizer if isinstance(d_opt, DPOptimizer) else d_opt
+    d_plain = d_opt.original_optimizer if isinstance(d_opt, _opacus()[1]) else d_opt
     kept = export_adam(d_plain, "d") | export_adam(g_opt, "g")
     return LocalResult(state, metrics, new_history, kept)
 
@@ -544,7 +560,7 @@ def train_dp_locally(
     wrapped, opt, batches, record = _maybe_private(
         module, opt, tensors, batch_size, privacy, noise_multiplier, history, seed, sample_rate
     )
-    is_dp = isinstance(opt, DPOptimizer)
+    is_dp = isinstance(opt, _opacus()[1])
     params = [p for p in module.parameters() if p.requires_grad]
     try:
         for _ in range(steps):
@@ -566,7 +582,7 @@ def train_dp_locally(
                     p.grad = g if p.grad is None else p.grad.add_(g)
             (opt.original_optimizer if is_dp else opt).step()
     finally:
-        if isinstance(wrapped, GradSampleModule):
+        if isinstance(wrapped, _opacus()[0]):
             wrapped._close()
     kept = export_adam(plain, state_prefix) if optimizer_state is not None else {}
     return DPRound(_history_after(record, history), kept)

@@ -75,6 +75,18 @@ def test_reading_a_run_imports_neither_opacus_nor_the_accountant():
     assert _imported(accounting, {"opacus"}) == []
 
 
+def test_the_mmd_familys_round_imports_no_opacus():
+    """The `mmd` family releases with its own Gaussian mechanism: its clients, and the
+    server of a simulation, skip Opacus's import (about 2 CPU-seconds a process). The
+    DP-SGD families import it where they use it."""
+    mmd = "fedgen.rounds, fedgen.embedding, fedgen.training, server.simulation"
+    assert _imported(mmd, {"opacus"}) == []
+    # A VQ-VAE brings Opacus with it: its quantizer's grad sampler registers on import,
+    # before any DP-SGD round can wrap the model.
+    build = "fedgen.models.build_model(fedgen.config.load_config(None, ['model.type=vqvae']).model)"
+    assert _imported(f"fedgen.config, fedgen.models; {build}", {"opacus"}) == ["opacus"]
+
+
 def test_certs_make_a_chain_a_tls_client_accepts(tmp_path):
     import ssl
 
