@@ -55,6 +55,14 @@ def _opacus() -> tuple[type, type]:
     return GradSampleModule, DPOptimizer
 
 
+def _is_grad_sample_module(module: object) -> bool:
+    return isinstance(module, _opacus()[0])
+
+
+def _is_dp_optimizer(optimizer: object) -> bool:
+    return isinstance(optimizer, _opacus()[1])
+
+
 __all__ = [
     "DPRound",
     "LocalResult",
@@ -143,8 +151,7 @@ def import_adam(
 def _hooks_off(module: nn.Module) -> Iterator[None]:
     """Forward/backward through the discriminator without Opacus recording per-example
     gradients (fake images, generator steps)."""
-    grad_sample_module, _ = _opacus()
-    if isinstance(module, grad_sample_module):
+    if _is_grad_sample_module(module):
         module.disable_hooks()
         try:
             yield
@@ -277,7 +284,7 @@ def discriminator_step(
     `physical_batch_size` rows, with the same result). Under DP, Opacus clips and noises
     the real rows only; the fake rows' (clipped) mean and `extra_grads` are added after the
     noise (see the module doc). Returns the mean loss on fake images."""
-    is_dp = isinstance(optimizer, _opacus()[1])
+    is_dp = _is_dp_optimizer(optimizer)
     params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
     optimizer.zero_grad(set_to_none=True)
     n_real = real.shape[0]
@@ -505,7 +512,7 @@ def train_gan_locally(
                 if ema is not None:
                     ema.update(gen)
     finally:
-        if isinstance(d_module, _opacus()[0]):
+        if _is_grad_sample_module(d_module):
             d_module._close()  # remove Opacus hooks so the model is plain again
     if ema is not None:
         ema.copy_to(gen)
@@ -517,7 +524,7 @@ def train_gan_locally(
         "g_steps": float(len(g_losses)),
     }
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    d_plain = d_opt.original_optimizer if isinstance(d_opt, _opacus()[1]) else d_opt
+    d_plain = d_opt.original_optimizer if _is_dp_optimizer(d_opt) else d_opt
     kept = export_adam(d_plain, "d") | export_adam(g_opt, "g")
     return LocalResult(state, metrics, new_history, kept)
 
@@ -560,7 +567,7 @@ def train_dp_locally(
     wrapped, opt, batches, record = _maybe_private(
         module, opt, tensors, batch_size, privacy, noise_multiplier, history, seed, sample_rate
     )
-    is_dp = isinstance(opt, _opacus()[1])
+    is_dp = _is_dp_optimizer(opt)
     params = [p for p in module.parameters() if p.requires_grad]
     try:
         for _ in range(steps):
@@ -582,7 +589,7 @@ def train_dp_locally(
                     p.grad = g if p.grad is None else p.grad.add_(g)
             (opt.original_optimizer if is_dp else opt).step()
     finally:
-        if isinstance(wrapped, _opacus()[0]):
+        if _is_grad_sample_module(wrapped):
             wrapped._close()
     kept = export_adam(plain, state_prefix) if optimizer_state is not None else {}
     return DPRound(_history_after(record, history), kept)
