@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import hashlib
+import io
 import os
 import shutil
 import struct
@@ -27,6 +28,7 @@ from PIL import Image, ImageDraw
 
 from fedgen.config import DataConfig, FedgenConfig
 from fedgen.console import plural
+from fedgen.files import cache_root, write_atomic
 
 __all__ = [
     "DataError",
@@ -240,9 +242,7 @@ _GLYPHS_WORTH_CACHING = 1000
 def glyph_cache_dir() -> Path:
     """Where drawn glyph sets are kept: $FEDGEN_CACHE_DIR/glyphs, else
     ~/.cache/fedgen/glyphs."""
-    env = os.environ.get("FEDGEN_CACHE_DIR")
-    base = Path(env).expanduser() if env else Path.home() / ".cache" / "fedgen"
-    return base / "glyphs"
+    return cache_root() / "glyphs"
 
 
 def _draw_glyphs(per_class: int, seed: int, split: str) -> Dataset:
@@ -275,15 +275,10 @@ def _read_glyphs(path: Path, per_class: int) -> Dataset | None:
 
 def _write_glyphs(path: Path, data: Dataset) -> None:
     """Best effort: a cache that cannot be written costs a draw next time, nothing else."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, images=data.images, labels=data.labels)
-        os.replace(tmp, path)  # whole or absent: a reader never sees half a file
-    except OSError:
-        with contextlib.suppress(OSError):  # the folder itself may be what failed
-            tmp.unlink(missing_ok=True)
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, images=data.images, labels=data.labels)
+    with contextlib.suppress(OSError):
+        write_atomic(path, buffer.getvalue())  # whole or absent: never half a file
 
 
 @lru_cache(maxsize=4)

@@ -18,12 +18,20 @@ from safetensors.torch import load_file, save_file
 
 __all__ = [
     "CheckpointError",
+    "cache_root",
     "fsync_dir",
     "load_checkpoint",
     "save_tensors",
     "tensors_digest",
     "write_atomic",
 ]
+
+
+def cache_root() -> Path:
+    """Where fedgen keeps what it can rebuild (trained evaluators, drawn glyphs):
+    $FEDGEN_CACHE_DIR, else ~/.cache/fedgen."""
+    env = os.environ.get("FEDGEN_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "fedgen"
 
 
 def write_atomic(path: Path, data: bytes | str) -> None:

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedgen.console import plural
+from fedgen.files import cache_root
 
 __all__ = [
     "Classifier",
@@ -175,9 +176,7 @@ def train_classifier(
 
 
 def default_cache_dir() -> Path:
-    env = os.environ.get("FEDGEN_CACHE_DIR")
-    base = Path(env).expanduser() if env else Path.home() / ".cache" / "fedgen"
-    return base / "evaluators"
+    return cache_root() / "evaluators"
 
 
 def load_or_train_evaluator(

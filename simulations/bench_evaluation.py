@@ -13,12 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 from datetime import date
 
 import torch
 import torch.nn.functional as F
+from timing import alternating_medians  # simulations/timing.py
 
 from fedgen.data import make_glyphs, to_tensors
 from fedgen.quality import Classifier, ClassifierRecipe, train_classifier
@@ -54,14 +53,7 @@ def main() -> None:
         "before": lambda: train_as_before(images, labels, recipe),
         "now": lambda: train_classifier(images, labels, recipe),
     }
-    seconds: dict[str, list[float]] = {name: [] for name in ways}
-    for trial in range(args.trials + 1):
-        for name, run in ways.items():
-            start = time.perf_counter()
-            run()
-            if trial:  # the first trial warms up both
-                seconds[name].append(time.perf_counter() - start)
-    before, now = (len(labels) / statistics.median(s) for s in seconds.values())
+    before, now = (len(labels) / m for m in alternating_medians(ways, args.trials).values())
     print(f"classifier training, {len(labels)} images, batch {recipe.batch_size}, "
           f"{args.threads} thread(s)")  # fmt: skip
     print(f"  before (baseline)  {before:7.0f} images/s")

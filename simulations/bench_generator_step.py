@@ -18,11 +18,10 @@ import argparse
 import copy
 import json
 import platform
-import statistics
-import time
 from datetime import date
 
 import torch
+from timing import alternating_medians  # simulations/timing.py
 from torch import nn
 
 from fedgen.config import load_config
@@ -71,15 +70,12 @@ def bench(channels: int, per_class: int, trials: int, steps: int) -> dict:
         loss.backward()
         optimizers[name].step()
 
-    seconds: dict[str, list[float]] = {name: [] for name in generators}
-    for trial in range(trials + 1):
-        for name in generators:
-            start = time.perf_counter()
-            for _ in range(steps):
-                step(name)
-            if trial:  # the first trial warms up both
-                seconds[name].append((time.perf_counter() - start) / steps)
-    base, new = (statistics.median(s) for s in seconds.values())
+    def run(name: str) -> None:
+        for _ in range(steps):
+            step(name)
+
+    ways = {name: (lambda name=name: run(name)) for name in generators}
+    base, new = (m / steps for m in alternating_medians(ways, trials).values())
     print(f"generator width {channels}, {len(labels)} images per step, image gap {gap:.1e}")
     print(f"  upsample + conv (baseline) {base * 1000:7.1f} ms/step")
     print(f"  folded                     {new * 1000:7.1f} ms/step   x{base / new:.2f} the steps/s")  # fmt: skip

@@ -17,11 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 from datetime import date
 
 import torch
+from timing import alternating_medians  # simulations/timing.py
 
 from fedgen.config import load_config
 from fedgen.embedding import mmd_estimate
@@ -62,16 +61,12 @@ def main() -> None:
     probe = gen(torch.randn(len(labels), gen.latent_dim), labels)
     gap = (features(probe, True) - features(probe, False)).abs().max().item()
 
-    seconds: dict[str, list[float]] = {"convolution": [], "unfolded": []}
-    for trial in range(args.trials + 1):
-        for name, baseline in (("convolution", True), ("unfolded", False)):
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                step(baseline)
-            if trial:  # the first trial warms up both
-                seconds[name].append((time.perf_counter() - start) / args.steps)
-    conv = statistics.median(seconds["convolution"])
-    unf = statistics.median(seconds["unfolded"])
+    def steps(baseline: bool) -> None:
+        for _ in range(args.steps):
+            step(baseline)
+
+    ways = {"convolution": lambda: steps(True), "unfolded": lambda: steps(False)}
+    conv, unf = (m / args.steps for m in alternating_medians(ways, args.trials).values())
     print(f"generator width {args.channels}, {len(labels)} images per step, "
           f"{args.threads} thread(s), feature gap {gap:.1e}")  # fmt: skip
     print(f"  convolution (baseline)  {conv * 1000:7.1f} ms/step")
