@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedgen.console import plural
-from fedgen.files import cache_root
+from fedgen.files import CheckpointError, cache_root, load_checkpoint, tensors_digest, write_atomic
 
 __all__ = [
     "Classifier",
@@ -189,7 +188,7 @@ def load_or_train_evaluator(
     """The evaluator for this training split: loaded from `cache_dir` when one was trained
     on exactly this data with this recipe, else trained and saved (safetensors, so loading
     it never unpickles code). Returns it with its info (fingerprint, test accuracy)."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save as safetensors_bytes
 
     fingerprint = data_fingerprint(*train)
     key = hashlib.sha256(f"{fingerprint}:{recipe.key()}".encode()).hexdigest()[:20]
@@ -197,7 +196,7 @@ def load_or_train_evaluator(
     model = Classifier(num_classes=10, channels=train[0].shape[1])
     if weights.is_file() and meta.is_file():
         try:
-            model.load_state_dict(load_file(weights))
+            model.load_state_dict(load_checkpoint(weights))
             info = json.loads(meta.read_text())
             model.eval()
             if log is not None:
@@ -206,7 +205,7 @@ def load_or_train_evaluator(
                     f"{info['test_accuracy']:.4f})"
                 )
             return model, info | {"cached": True}
-        except (OSError, RuntimeError, ValueError, KeyError) as err:
+        except (OSError, RuntimeError, ValueError, KeyError, CheckpointError) as err:
             if log is not None:
                 log(f"evaluator: cache {weights} unreadable ({err}); training a new one")
     if log is not None:
@@ -223,14 +222,12 @@ def load_or_train_evaluator(
         "test_examples": len(test[1]),
         "history": history["epochs"],
     }
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    # Write then rename, so a crash never leaves a half-written evaluator to be loaded.
-    tmp = weights.with_name(f".{weights.name}.{os.getpid()}.tmp")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    os.replace(tmp, weights)
-    tmp_meta = meta.with_name(f".{meta.name}.{os.getpid()}.tmp")
-    tmp_meta.write_text(json.dumps(info, indent=1))
-    os.replace(tmp_meta, meta)
+    # Atomic writes: a crash never leaves a half-written evaluator to be loaded. The
+    # weights go first, so a reader never finds metadata without the weights it names.
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    digest = {"sha256": tensors_digest(tensors)}  # checked by load_checkpoint
+    write_atomic(weights, safetensors_bytes(tensors, metadata=digest))
+    write_atomic(meta, json.dumps(info, indent=1))
     if log is not None:
         log(
             f"evaluator: accuracy on the real test images {info['test_accuracy']:.4f}; "

@@ -47,6 +47,25 @@ def test_evaluator_is_cached_by_data_fingerprint(evaluator, mnist):
     assert quality.data_fingerprint(train[0], labels) != info["data_fingerprint"]
 
 
+def test_a_damaged_evaluator_cache_is_retrained_and_rewritten_whole(evaluator, mnist, tmp_path):
+    _, info, cache, recipe = evaluator
+    train, test = mnist
+    # Only the two finished files: no temporary file of the atomic writes is left behind.
+    names = sorted(p.name for p in cache.iterdir())
+    assert len(names) == 2 and names[0].endswith(".json") and names[1].endswith(".safetensors")
+    damaged = tmp_path / "evaluators"
+    damaged.mkdir()
+    for p in cache.iterdir():
+        (damaged / p.name).write_bytes(p.read_bytes())
+    weights = damaged / names[1]
+    weights.write_bytes(weights.read_bytes()[:100])  # a crash's half file, from older code
+    _, again = quality.load_or_train_evaluator(train, test, recipe, damaged)
+    assert not again["cached"] and again["data_fingerprint"] == info["data_fingerprint"]
+    _, third = quality.load_or_train_evaluator(train, test, recipe, damaged)
+    assert third["cached"]
+    assert sorted(p.name for p in damaged.iterdir()) == names
+
+
 def test_frechet_distance_is_zero_for_identical_sets_and_large_for_noise(evaluator, mnist):
     model, _, _, _ = evaluator
     _, (test_x, _) = mnist
