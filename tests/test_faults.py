@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fedgen.files import CheckpointError
+from fedgen.files import CheckpointError, write_atomic
 from fedgen.reports import RunDir
 
 from .helpers import small_config
@@ -30,6 +30,20 @@ def test_corrupt_checkpoint_is_detected_and_the_previous_one_used(tmp_path, dama
     assert "round_002" in capsys.readouterr().err
     with pytest.raises(CheckpointError, match="round_002"):
         run.checkpoint(2)  # asked for by number: an error, not a silent substitute
+
+
+def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    target = tmp_path / "cache" / "file.bin"
+    write_atomic(target, b"old")
+
+    def disk_full(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("fedgen.files.os.fsync", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        write_atomic(target, b"new")
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in target.parent.iterdir()] == ["file.bin"]
 
 
 def test_intact_checkpoint_round_trips(tmp_path):
