@@ -10,6 +10,10 @@ target, backward, Adam. One thread by default, as a simulated client gets.
 
     python simulations/bench_mmd_step.py                       # the quickstart's generator
     python simulations/bench_mmd_step.py --channels 32         # configs/mnist_mmd.yaml's
+
+With `--frequencies 1000,4000` it compares instead the same step at several widths of the
+mean embedding (`model.embedding_frequencies`), each with its own fixed frequencies, the
+first the baseline.
 """
 
 from __future__ import annotations
@@ -34,8 +38,14 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=7)
     parser.add_argument("--steps", type=int, default=10, help="steps per trial")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--frequencies", help="compare these embedding widths (comma-separated) instead"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.frequencies:
+        compare_frequencies(args, [int(f) for f in args.frequencies.split(",")])
+        return
 
     cfg = load_config(None, [f"model.generator_channels={args.channels}"])
     model = build_model(cfg.model, seed=0)
@@ -77,6 +87,49 @@ def main() -> None:
         "channels": args.channels, "per_class": args.per_class, "threads": args.threads,
         "convolution_ms": round(conv * 1000, 2), "unfolded_ms": round(unf * 1000, 2),
         "speedup": round(conv / unf, 3),
+    }))  # fmt: skip
+
+
+def compare_frequencies(args: argparse.Namespace, widths: list[int]) -> None:
+    """The product's step at each embedding width: one generator (the same weights and
+    latents for all), one embedding per width."""
+    sets = [f"model.generator_channels={args.channels}"]
+    cfg = load_config(None, sets)
+    gen = build_model(cfg.model, seed=0).generator
+    optimizer = torch.optim.Adam(gen.parameters(), lr=cfg.training.lr_generator)
+    labels = torch.arange(10).repeat_interleave(args.per_class)
+
+    def way(width: int):
+        embed = build_model(
+            load_config(None, [*sets, f"model.embedding_frequencies={width}"]).model, seed=0
+        ).embedding
+        target = torch.zeros(10, embed.dim)
+
+        def steps() -> None:
+            for _ in range(args.steps):
+                fake = gen(torch.randn(len(labels), gen.latent_dim), labels)
+                phi = embed(fake).view(10, args.per_class, -1)
+                loss = mmd_estimate(phi, target).sum()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+
+        return steps
+
+    medians = alternating_medians({str(w): way(w) for w in widths}, args.trials)
+    base = medians[str(widths[0])]
+    print(f"generator width {args.channels}, {len(labels)} images per step, "
+          f"{args.threads} thread(s)")  # fmt: skip
+    for width in widths:
+        ms = medians[str(width)] / args.steps * 1000
+        print(
+            f"  {width:6d} frequencies  {ms:7.1f} ms/step   x{medians[str(width)] / base:.2f} the time"
+        )
+    print(json.dumps({
+        "date": date.today().isoformat(), "machine": platform.machine(),
+        "processor": platform.processor(), "torch": torch.__version__,
+        "channels": args.channels, "per_class": args.per_class, "threads": args.threads,
+        "ms_per_step": {w: round(medians[str(w)] / args.steps * 1000, 2) for w in widths},
     }))  # fmt: skip
 
 
