@@ -91,8 +91,8 @@ def main() -> None:
 
 
 def compare_frequencies(args: argparse.Namespace, widths: list[int]) -> None:
-    """The product's step at each embedding width: one generator (the same weights and
-    latents for all), one embedding per width."""
+    """The product's step at each embedding width: one generator and optimizer shared by
+    all (their trials alternate), one embedding per width."""
     sets = [f"model.generator_channels={args.channels}"]
     cfg = load_config(None, sets)
     gen = build_model(cfg.model, seed=0).generator
@@ -117,19 +117,19 @@ def compare_frequencies(args: argparse.Namespace, widths: list[int]) -> None:
         return steps
 
     medians = alternating_medians({str(w): way(w) for w in widths}, args.trials)
-    base = medians[str(widths[0])]
+    ms = {w: medians[str(w)] / args.steps * 1000 for w in widths}
     print(f"generator width {args.channels}, {len(labels)} images per step, "
           f"{args.threads} thread(s)")  # fmt: skip
     for width in widths:
-        ms = medians[str(width)] / args.steps * 1000
         print(
-            f"  {width:6d} frequencies  {ms:7.1f} ms/step   x{medians[str(width)] / base:.2f} the time"
+            f"  {width:6d} frequencies  {ms[width]:7.1f} ms/step   "
+            f"x{ms[width] / ms[widths[0]]:.2f} the time"
         )
     print(json.dumps({
         "date": date.today().isoformat(), "machine": platform.machine(),
         "processor": platform.processor(), "torch": torch.__version__,
         "channels": args.channels, "per_class": args.per_class, "threads": args.threads,
-        "ms_per_step": {w: round(medians[str(w)] / args.steps * 1000, 2) for w in widths},
+        "ms_per_step": {w: round(t, 2) for w, t in ms.items()},
     }))  # fmt: skip
 
 
