@@ -13,7 +13,9 @@ target, backward, Adam. One thread by default, as a simulated client gets.
 
 With `--frequencies 1000,4000` it compares instead the same step at several widths of the
 mean embedding (`model.embedding_frequencies`), each with its own fixed frequencies, the
-first the baseline.
+first the baseline. With `--compile` it compares the step eager (the baseline) against
+the same forward and loss under `torch.compile` (inductor; its compile time is reported
+apart, not in the step).
 """
 
 from __future__ import annotations
@@ -41,8 +43,14 @@ def main() -> None:
     parser.add_argument(
         "--frequencies", help="compare these embedding widths (comma-separated) instead"
     )
+    parser.add_argument(
+        "--compile", action="store_true", help="compare eager against torch.compile instead"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.compile:
+        compare_compiled(args)
+        return
     if args.frequencies:
         compare_frequencies(args, [int(f) for f in args.frequencies.split(",")])
         return
@@ -130,6 +138,53 @@ def compare_frequencies(args: argparse.Namespace, widths: list[int]) -> None:
         "processor": platform.processor(), "torch": torch.__version__,
         "channels": args.channels, "per_class": args.per_class, "threads": args.threads,
         "ms_per_step": {w: round(t, 2) for w, t in ms.items()},
+    }))  # fmt: skip
+
+
+def compare_compiled(args: argparse.Namespace) -> None:
+    """The product's step eager against the same generator, embedding and loss compiled
+    by `torch.compile` (the backward too, through AOTAutograd); Adam stays eager."""
+    import time
+
+    cfg = load_config(None, [f"model.generator_channels={args.channels}"])
+    model = build_model(cfg.model, seed=0)
+    gen, embed = model.generator, model.embedding
+    optimizer = torch.optim.Adam(gen.parameters(), lr=cfg.training.lr_generator)
+    labels = torch.arange(10).repeat_interleave(args.per_class)
+    target = torch.zeros(10, embed.dim)
+
+    def loss_of(z: torch.Tensor) -> torch.Tensor:
+        phi = embed(gen(z, labels)).view(10, args.per_class, -1)
+        return mmd_estimate(phi, target).sum()
+
+    compiled = torch.compile(loss_of)
+    started = time.perf_counter()
+    compiled(torch.randn(len(labels), gen.latent_dim)).backward()
+    compile_seconds = time.perf_counter() - started
+    optimizer.zero_grad(set_to_none=True)
+
+    def way(loss_fn):
+        def steps() -> None:
+            for _ in range(args.steps):
+                loss = loss_fn(torch.randn(len(labels), gen.latent_dim))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+
+        return steps
+
+    medians = alternating_medians({"eager": way(loss_of), "compiled": way(compiled)}, args.trials)
+    eager, comp = (medians[k] / args.steps * 1000 for k in ("eager", "compiled"))
+    print(f"generator width {args.channels}, {len(labels)} images per step, "
+          f"{args.threads} thread(s), compile {compile_seconds:.0f} s")  # fmt: skip
+    print(f"  eager (baseline)  {eager:7.1f} ms/step")
+    print(f"  torch.compile     {comp:7.1f} ms/step   x{eager / comp:.2f} the steps/s")
+    print(json.dumps({
+        "date": date.today().isoformat(), "machine": platform.machine(),
+        "processor": platform.processor(), "torch": torch.__version__,
+        "channels": args.channels, "per_class": args.per_class, "threads": args.threads,
+        "eager_ms": round(eager, 2), "compiled_ms": round(comp, 2),
+        "speedup": round(eager / comp, 3), "compile_seconds": round(compile_seconds, 1),
     }))  # fmt: skip
 
 
