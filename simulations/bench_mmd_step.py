@@ -33,6 +33,16 @@ from fedgen.embedding import mmd_estimate
 from fedgen.models import build_model
 
 
+def print_record(args: argparse.Namespace, figures: dict) -> None:
+    """One JSON line: the date, machine and settings a figure was measured with, then it."""
+    print(json.dumps({
+        "date": date.today().isoformat(), "machine": platform.machine(),
+        "processor": platform.processor(), "torch": torch.__version__,
+        "channels": args.channels, "per_class": args.per_class, "threads": args.threads,
+        **figures,
+    }))  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--channels", type=int, default=16, help="model.generator_channels")
@@ -89,13 +99,10 @@ def main() -> None:
           f"{args.threads} thread(s), feature gap {gap:.1e}")  # fmt: skip
     print(f"  convolution (baseline)  {conv * 1000:7.1f} ms/step")
     print(f"  unfolded patches        {unf * 1000:7.1f} ms/step   x{conv / unf:.2f} the steps/s")
-    print(json.dumps({
-        "date": date.today().isoformat(), "machine": platform.machine(),
-        "processor": platform.processor(), "torch": torch.__version__,
-        "channels": args.channels, "per_class": args.per_class, "threads": args.threads,
+    print_record(args, {
         "convolution_ms": round(conv * 1000, 2), "unfolded_ms": round(unf * 1000, 2),
         "speedup": round(conv / unf, 3),
-    }))  # fmt: skip
+    })  # fmt: skip
 
 
 def compare_frequencies(args: argparse.Namespace, widths: list[int]) -> None:
@@ -133,12 +140,9 @@ def compare_frequencies(args: argparse.Namespace, widths: list[int]) -> None:
             f"  {width:6d} frequencies  {ms[width]:7.1f} ms/step   "
             f"x{ms[width] / ms[widths[0]]:.2f} the time"
         )
-    print(json.dumps({
-        "date": date.today().isoformat(), "machine": platform.machine(),
-        "processor": platform.processor(), "torch": torch.__version__,
-        "channels": args.channels, "per_class": args.per_class, "threads": args.threads,
+    print_record(args, {
         "ms_per_step": {w: round(t, 2) for w, t in ms.items()},
-    }))  # fmt: skip
+    })  # fmt: skip
 
 
 def compare_compiled(args: argparse.Namespace) -> None:
@@ -179,13 +183,10 @@ def compare_compiled(args: argparse.Namespace) -> None:
           f"{args.threads} thread(s), compile {compile_seconds:.0f} s")  # fmt: skip
     print(f"  eager (baseline)  {eager:7.1f} ms/step")
     print(f"  torch.compile     {comp:7.1f} ms/step   x{eager / comp:.2f} the steps/s")
-    print(json.dumps({
-        "date": date.today().isoformat(), "machine": platform.machine(),
-        "processor": platform.processor(), "torch": torch.__version__,
-        "channels": args.channels, "per_class": args.per_class, "threads": args.threads,
+    print_record(args, {
         "eager_ms": round(eager, 2), "compiled_ms": round(comp, 2),
         "speedup": round(eager / comp, 3), "compile_seconds": round(compile_seconds, 1),
-    }))  # fmt: skip
+    })  # fmt: skip
 
 
 if __name__ == "__main__":
