@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import time
 from datetime import date
 
 import torch
@@ -41,6 +42,17 @@ def print_record(args: argparse.Namespace, figures: dict) -> None:
         "channels": args.channels, "per_class": args.per_class, "threads": args.threads,
         **figures,
     }))  # fmt: skip
+
+
+def step_parts(args: argparse.Namespace):
+    """The product's generator and embedding at `--channels`, Adam at the family's rate,
+    `--per-class` labels of each class and a zero target: what one step needs."""
+    cfg = load_config(None, [f"model.generator_channels={args.channels}"])
+    model = build_model(cfg.model, seed=0)
+    gen, embed = model.generator, model.embedding
+    optimizer = torch.optim.Adam(gen.parameters(), lr=cfg.training.lr_generator)
+    labels = torch.arange(10).repeat_interleave(args.per_class)
+    return gen, embed, optimizer, labels, torch.zeros(10, embed.dim)
 
 
 def main() -> None:
@@ -65,12 +77,7 @@ def main() -> None:
         compare_frequencies(args, [int(f) for f in args.frequencies.split(",")])
         return
 
-    cfg = load_config(None, [f"model.generator_channels={args.channels}"])
-    model = build_model(cfg.model, seed=0)
-    gen, embed = model.generator, model.embedding
-    optimizer = torch.optim.Adam(gen.parameters(), lr=cfg.training.lr_generator)
-    labels = torch.arange(10).repeat_interleave(args.per_class)
-    target = torch.zeros(10, embed.dim)
+    gen, embed, optimizer, labels, target = step_parts(args)
 
     def features(images: torch.Tensor, baseline: bool) -> torch.Tensor:
         # The product's own code both ways; only how the wavelet responses are computed
@@ -148,14 +155,7 @@ def compare_frequencies(args: argparse.Namespace, widths: list[int]) -> None:
 def compare_compiled(args: argparse.Namespace) -> None:
     """The product's step eager against the same generator, embedding and loss compiled
     by `torch.compile` (the backward too, through AOTAutograd); Adam stays eager."""
-    import time
-
-    cfg = load_config(None, [f"model.generator_channels={args.channels}"])
-    model = build_model(cfg.model, seed=0)
-    gen, embed = model.generator, model.embedding
-    optimizer = torch.optim.Adam(gen.parameters(), lr=cfg.training.lr_generator)
-    labels = torch.arange(10).repeat_interleave(args.per_class)
-    target = torch.zeros(10, embed.dim)
+    gen, embed, optimizer, labels, target = step_parts(args)
 
     def loss_of(z: torch.Tensor) -> torch.Tensor:
         phi = embed(gen(z, labels)).view(10, args.per_class, -1)
