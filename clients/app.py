@@ -142,6 +142,7 @@ def train(msg: Message, context: Context) -> Message:
             data_fingerprint=fingerprint,
             seed_index=seed_index,
             proximal_mu=float(config.get("proximal-mu", 0.0)),
+            pooled=_pooled_target(msg),
         )
         return _message(msg, client_id, policy, len(data), reply, skipped)
     except Exception as err:  # the detail stays in this device's log; a code leaves
@@ -149,6 +150,19 @@ def train(msg: Message, context: Context) -> Message:
         log.error("round failed (%s)", code, exc_info=True)
         failed = ConfigRecord({"client-id": client_id, "code": code})
         return Message(content=RecordDict({"failed": failed}), reply_to=msg)
+
+
+def _pooled_target(msg: Message) -> tuple[torch.Tensor, int] | None:
+    """The server's sum of every client's earlier releases (`federation.pooled_target`),
+    when it sent one. Whatever it holds, this device's data meets it only after the
+    release: a wrong target costs the fit, never privacy."""
+    if "pooled" not in msg.content:
+        return None
+    record = msg.content["pooled"].to_torch_state_dict()
+    count = int(record["count"].item())
+    if count < 1 or not torch.isfinite(record["sum"]).all():
+        raise ValueError(f"the pooled target counts {count} releases or is not finite")
+    return record["sum"].double(), count
 
 
 @app.query()
@@ -214,4 +228,6 @@ def _message(
             "privacy": ConfigRecord(statement),
         }
     )
+    if reply.release is not None:  # the round's DP output, for the server's pooled target
+        content["release"] = ArrayRecord({"sum": reply.release})
     return Message(content=content, reply_to=msg)

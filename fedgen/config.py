@@ -157,6 +157,15 @@ class FederationConfig(_Section):
         description="Server strategy from flwr.serverapp.strategy. Where hostile clients "
         "are expected: fedmedian, fedtrimmedavg, krum or multikrum.",
     )
+    pooled_target: bool = Field(
+        False,
+        description="`mmd` only: each client sends its noised release with its update, the "
+        "server sums every client's releases, and from the second round on each client "
+        "fits that pooled sum plus its new release instead of its own releases alone. The "
+        "release is the client's DP output, so epsilon is unchanged; the pooled target has "
+        "the noise of one release over all clients' data (docs/PRIVACY.md). Not with a "
+        "robust strategy: a sum is not robust to a hostile client.",
+    )
     proximal_mu: float = Field(0.01, ge=0.0, description="FedProx proximal term weight.")
     server_lr: float = Field(0.01, gt=0.0, description="FedAdam server learning rate (eta).")
     server_tau: float = Field(1e-3, gt=0.0, description="FedAdam adaptivity (tau).")
@@ -589,6 +598,18 @@ class FedgenConfig(_Section):
             raise ValueError(
                 "federation.strategy=fedprox has no proximal term for model.type=mmd (its "
                 "generator steps fit a released target, not the data); use fedavg"
+            )
+        if fed.pooled_target and model.type != "mmd":
+            raise ValueError(
+                f"federation.pooled_target sums the releases of model.type=mmd; "
+                f"model.type={model.type} releases noised gradients, not a target: set it "
+                "to false"
+            )
+        if fed.pooled_target and fed.strategy not in ("fedavg", "fedadam"):
+            raise ValueError(
+                f"federation.pooled_target sums every client's release, which "
+                f"federation.strategy={fed.strategy} would not make robust to a hostile "
+                "client; use fedavg or fedadam, or set pooled_target to false"
             )
         if model.type == "gan" and tr.d_steps_per_g_step > tr.local_steps:
             raise ValueError(

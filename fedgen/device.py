@@ -31,6 +31,7 @@ from fedgen.policy import (
     plan_inputs,
 )
 from fedgen.privacy import ClientPrivacyState
+from fedgen.updates import RELEASE_KEY
 
 __all__ = ["DeviceReply", "device_round", "close_run", "failure_code", "log"]
 
@@ -46,6 +47,7 @@ class DeviceReply:
     state_dict: dict[str, torch.Tensor] | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     code: str | None = None
+    release: torch.Tensor | None = None  # `mmd` with a pooled target: the round's DP output
 
 
 def failure_code(err: BaseException) -> str:
@@ -93,14 +95,18 @@ def device_round(
     data_fingerprint: str,
     seed_index: int,
     proximal_mu: float = 0.0,
+    pooled: tuple[torch.Tensor, int] | None = None,
 ) -> DeviceReply:
-    """Train one round if the device's policy and budget allow it (see the module doc)."""
+    """Train one round if the device's policy and budget allow it (see the module doc).
+    `pooled`: the server's sum of every client's earlier releases (`mmd` with
+    `federation.pooled_target`), which this round fits with its own new release."""
     n = len(data)
     with ledger.locked():
         cached = ledger.cached_reply(run_id, server_round)
         run = ledger.run(run_id, data_fingerprint)
         if cached is not None and run is not None:
-            return DeviceReply("cached", _state(run), cached[0], cached[1])
+            state, release = _split_release(cached[0])
+            return DeviceReply("cached", _state(run), state, cached[1], release=release)
         try:
             if run is not None and run.get("closed"):
                 raise Decline("run-closed", f"run {run_id} was closed on this device")
@@ -153,7 +159,9 @@ def device_round(
             proximal_mu,
             server_round,
             _kept_optimizer(ledger, run_id) if cfg.keeps_client_state else None,
+            pooled,
         )
+        release = result.release if cfg.federation.pooled_target else None
         # Its epsilon is the policy's: delta, relation and accountant were checked equal.
         metrics = dict(result.metrics)
         # On disk before the reply leaves: an update that was released is always accounted.
@@ -166,12 +174,27 @@ def device_round(
             epsilon=metrics.get("epsilon", 0.0),
             lifetime_epsilon=policy.epsilon([*ledger.other_runs_history(run_id), *privacy.history]),
             server_round=server_round,
-            reply=(result.state_dict, metrics),
+            reply=(_join_release(result.state_dict, release), metrics),
             plan_inputs=inputs,
         )
         if cfg.keeps_client_state and result.optimizer_state:
             save_tensors(_optimizer_path(ledger), result.optimizer_state, {"run_id": run_id})
-        return DeviceReply("trained", privacy, result.state_dict, metrics)
+        return DeviceReply("trained", privacy, result.state_dict, metrics, release=release)
+
+
+def _join_release(
+    state: dict[str, torch.Tensor], release: torch.Tensor | None
+) -> dict[str, torch.Tensor]:
+    """The weights and the release as one file's tensors: the kept reply holds both, so a
+    restarted device resends exactly what it sent, and its ledger digests both."""
+    return state if release is None else {**state, RELEASE_KEY: release}
+
+
+def _split_release(
+    kept: dict[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    state = dict(kept)
+    return state, state.pop(RELEASE_KEY, None)
 
 
 def close_run(ledger: DeviceLedger, run_id: str) -> ClientPrivacyState | None:

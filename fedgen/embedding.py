@@ -19,7 +19,9 @@ Why this is private (sample level, per client):
 - Everything after the release is post-processing: the per-class targets (noisy sums over
   noisy counts), the generator's steps (they read generated images and the targets only),
   the running mean of the client's releases kept from round to round, and the loss the
-  client reports.
+  client reports. With `federation.pooled_target` the client also sends the release
+  itself, the mechanism's output, and fits the server's sum of every client's releases
+  plus its own new one: other clients' DP outputs and its own, so post-processing too.
 
 One release per round, each with the noise calibrated for all the rounds: k releases at
 noise sigma compose exactly like one at sigma / sqrt(k), and a client that keeps the
@@ -138,9 +140,12 @@ def train_mmd_locally(
     seed: int,
     sample_rate: float,
     kept: dict[str, torch.Tensor] | None = None,
+    pooled: tuple[torch.Tensor, int] | None = None,
 ) -> LocalResult:
     """One round: release the per-class sums once (accounted), then `training.local_steps`
-    generator steps toward the mean of this client's releases so far."""
+    generator steps toward the mean of this client's releases so far; or, given
+    `pooled` (the sum of every client's earlier releases and how many there were), toward
+    the mean of those and this round's release."""
     torch.manual_seed(seed)
     model.to(device).train()
     kept = dict(kept or {})
@@ -154,7 +159,15 @@ def train_mmd_locally(
     else:
         released = sums
     total, releases = released, 1
-    if KEPT_SUM in kept and kept[KEPT_SUM].shape == released.shape:
+    if pooled is not None:
+        if pooled[0].shape != released.shape:
+            raise ValueError(
+                f"the pooled target has shape {tuple(pooled[0].shape)}, this model's release "
+                f"{tuple(released.shape)}: the server and this client build different models"
+            )
+        total = pooled[0].double() + released
+        releases = pooled[1] + 1
+    elif KEPT_SUM in kept and kept[KEPT_SUM].shape == released.shape:
         total = kept[KEPT_SUM].double() + released
         releases = int(kept[KEPT_COUNT].item()) + 1
     targets, fitted, weights = class_targets(total, releases)
@@ -194,4 +207,4 @@ def train_mmd_locally(
     metrics = {"g_steps": float(len(losses)), "fitted_classes": float(len(classes))}
     if losses:  # a distance to the client's released (noisy) targets: post-processing
         metrics["mmd_loss"] = sum(losses) / len(losses)
-    return LocalResult(state, metrics, history, new_kept)
+    return LocalResult(state, metrics, history, new_kept, released)

@@ -114,10 +114,12 @@ def client_round(
     proximal_mu: float = 0.0,
     server_round: int = 1,
     optimizer_state: dict[str, torch.Tensor] | None = None,
+    pooled: tuple[torch.Tensor, int] | None = None,
 ) -> tuple[LocalResult, ClientPrivacyState]:
     """Train the global model on one client's data for one round of its stage.
     `optimizer_state`: what this client kept from its previous round, when the config
-    keeps client state."""
+    keeps client state. `pooled`: the `mmd` target the server summed from every client's
+    earlier releases (`federation.pooled_target`), with how many it holds."""
     stage = cfg.stage(server_round)
     steps = cfg.local_steps_for(stage)
     spent = sum(h[2] for h in privacy.history)
@@ -143,6 +145,7 @@ def client_round(
             seed,
             privacy.sample_rate,
             optimizer_state if cfg.keeps_client_state else None,
+            pooled if cfg.federation.pooled_target else None,
         )
     elif stage == "gan":
         result = train_gan_locally(

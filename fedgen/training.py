@@ -95,6 +95,9 @@ class LocalResult:
     # The client's optimizer state after the round (flat tensors), for the client to keep;
     # it is never sent (see `export_adam`).
     optimizer_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    # `mmd`: this round's noised per-class sums, the round's DP output; sent to the server
+    # only when the federation pools targets (`federation.pooled_target`).
+    release: torch.Tensor | None = None
 
 
 class DPRound(NamedTuple):

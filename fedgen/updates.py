@@ -12,7 +12,23 @@ import torch
 
 from fedgen.config import FedgenConfig
 
-__all__ = ["max_weight_change", "check_update", "ADAM_STEP_MARGIN"]
+__all__ = [
+    "max_weight_change",
+    "check_update",
+    "check_release",
+    "release_shape",
+    "ADAM_STEP_MARGIN",
+    "RELEASE_KEY",
+]
+
+# Where an `mmd` client's release sits beside its weights when both are digested or kept
+# together (the device's ledger names the digest of what it sent, the server of what it
+# received): a key no model's state_dict has.
+RELEASE_KEY = "pooled-target/release"
+# An honest release is a sum of at most n unit vectors plus Gaussian noise of std at most
+# sigma per entry, whose norm exceeds sigma (sqrt(entries) + t) with probability below
+# exp(-t^2 / 2): at t = 10, never in practice.
+RELEASE_NOISE_MARGIN = 10.0
 
 # |Adam step| <= lr * (1 - b1) / sqrt(1 - b2) / sqrt(1 - b1^2 / b2) after bias correction
 # settles, about 18 lr for b1 = 0.5 and 7 lr for b1 = 0.9 (b2 = 0.999); 50 is a margin
@@ -60,4 +76,30 @@ def check_update(
                 f"{key}: a weight moved by {change:.3g}, more than the {max_change:.3g} the "
                 "configured local training allows (steps x learning rate x margin)"
             )
+    return None
+
+
+def release_shape(cfg: FedgenConfig, num_classes: int) -> tuple[int, int]:
+    """(classes, embedding entries + the count): the shape of an `mmd` client's release."""
+    return (num_classes, 2 * cfg.model.embedding_frequencies + 1)
+
+
+def check_release(
+    release: torch.Tensor, shape: tuple[int, int], num_examples: float, noise_multiplier: float
+) -> str | None:
+    """Why an `mmd` client's release must not join the pooled target, or None when it may:
+    its shape, finite values, and a norm no honest release of `num_examples` examples at
+    this noise reaches (a hostile client could otherwise drown every class's target)."""
+    if tuple(release.shape) != shape:
+        return f"release of shape {tuple(release.shape)}, expected {shape}"
+    if not release.is_floating_point() or not torch.isfinite(release).all():
+        return "release is not finite floating point"
+    # Twice n: under add/remove the server knows only a declared public size.
+    bound = 2 * num_examples + noise_multiplier * (release.numel() ** 0.5 + RELEASE_NOISE_MARGIN)
+    norm = float(release.double().norm())
+    if norm > bound:
+        return (
+            f"release of norm {norm:.4g}, more than the {bound:.4g} that {num_examples:g} "
+            f"examples and noise {noise_multiplier:g} allow"
+        )
     return None

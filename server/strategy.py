@@ -28,11 +28,18 @@ from flwr.serverapp.strategy import (
 
 from fedgen.config import FedgenConfig
 from fedgen.console import plural
+from fedgen.data import NUM_CLASSES
 from fedgen.files import tensors_digest
 from fedgen.killpoints import hold_point
 from fedgen.policy import FAILURE_CODES
 from fedgen.rounds import RoundRecorder
-from fedgen.updates import check_update, max_weight_change
+from fedgen.updates import (
+    RELEASE_KEY,
+    check_release,
+    check_update,
+    max_weight_change,
+    release_shape,
+)
 
 STRATEGIES: dict[str, type[FedAvg]] = {
     "fedavg": FedAvg,
@@ -165,13 +172,15 @@ def _code(value: Any) -> str:
 EXPECTED_RECORDS = {"arrays": ArrayRecord, "metrics": MetricRecord, "privacy": ConfigRecord}
 
 
-def _malformed(reply: Message, report: dict[str, Any]) -> str | None:
+def _malformed(
+    reply: Message, report: dict[str, Any], expected: dict[str, type] = EXPECTED_RECORDS
+) -> str | None:
     """Why a reply is not a well-formed update (records, weight, metrics), or None."""
     content = reply.content
-    if set(content) != set(EXPECTED_RECORDS) or any(
-        not isinstance(content[k], t) for k, t in EXPECTED_RECORDS.items()
+    if set(content) != set(expected) or any(
+        not isinstance(content[k], t) for k, t in expected.items()
     ):
-        return f"records {sorted(content)}, expected {sorted(EXPECTED_RECORDS)}"
+        return f"records {sorted(content)}, expected {sorted(expected)}"
     n = report["metrics"].get("num-examples")
     if not isinstance(n, int | float) or not math.isfinite(n) or n < 1 or n != int(n):
         return f"num-examples {n!r} is not a positive whole number"
@@ -194,11 +203,15 @@ def _float32(arrays: ArrayRecord) -> dict:
 
 
 def strategy_state(strategy: Strategy) -> dict[str, torch.Tensor]:
-    """A server optimiser's moments (FedAdam's m_t and v_t), as tensors to checkpoint."""
+    """A server optimiser's moments (FedAdam's m_t and v_t) and the pooled target
+    (`federation.pooled_target`), as tensors to checkpoint."""
     out: dict[str, torch.Tensor] = {}
     for name in ("m_t", "v_t"):
         for key, value in (getattr(strategy, name, None) or {}).items():
             out[f"{name}/{key}"] = torch.from_numpy(np.ascontiguousarray(value))
+    pooled = getattr(strategy, "pooled", None)
+    if pooled is not None:
+        out["pooled/sum"], out["pooled/count"] = pooled[0], torch.tensor(float(pooled[1]))
     return out
 
 
@@ -211,6 +224,8 @@ def restore_strategy_state(strategy: Strategy, tensors: dict[str, torch.Tensor])
         }
         if moments:
             setattr(strategy, name, moments)
+    if "pooled/sum" in tensors:
+        strategy.pooled = (tensors["pooled/sum"].double(), int(tensors["pooled/count"].item()))
 
 
 def build_strategy(cfg: FedgenConfig, recorder: RoundRecorder, first_round: int = 1) -> Strategy:
@@ -250,6 +265,9 @@ def build_strategy(cfg: FedgenConfig, recorder: RoundRecorder, first_round: int 
         _names: dict[int, str] = {}  # node id -> client id, learned from replies
         _nodes: int | None = None  # nodes connected when this round sampled
         node_of: dict[str, int] = {}  # client id (or "node N") -> node id, for the tally
+        # `federation.pooled_target`: the sum of every accepted release so far, and how
+        # many; sent to each client with the weights.
+        pooled: tuple[torch.Tensor, int] | None = None
 
         def configure_train(
             self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -259,6 +277,11 @@ def build_strategy(cfg: FedgenConfig, recorder: RoundRecorder, first_round: int 
             recorder.round_started()
             self._sent = arrays
             messages = list(super().configure_train(server_round, arrays, config, grid))
+            if fed.pooled_target and self.pooled is not None:
+                total, count = self.pooled
+                pooled = ArrayRecord({"sum": total, "count": torch.tensor([float(count)])})
+                for message in messages:
+                    message.content["pooled"] = pooled
             self._sampled = [m.metadata.dst_node_id for m in messages]
             self._nodes = len(list(grid.get_node_ids()))
             return messages
@@ -279,7 +302,7 @@ def build_strategy(cfg: FedgenConfig, recorder: RoundRecorder, first_round: int 
                 label = self._names.get(node, f"node {node}")
                 self.node_of[label] = node
                 missing.append(label)
-            kept, rejected = self._screen(server_round, updates, failures)
+            kept, rejected, releases = self._screen(server_round, updates, failures)
             # Every client that trained spent privacy, whatever happens to the round next.
             reports = [*(report for _, report in kept), *rejected]
             if len(kept) < needed:
@@ -297,6 +320,11 @@ def build_strategy(cfg: FedgenConfig, recorder: RoundRecorder, first_round: int 
                     server_round, None, reports, failures, declined, missing, nodes=self._nodes
                 )
                 raise
+            if releases:  # joins the target only with a round that completes
+                total = torch.stack(releases).sum(dim=0)
+                if self.pooled is not None:
+                    total = total + self.pooled[0]
+                self.pooled = (total, len(releases) + (self.pooled[1] if self.pooled else 0))
             frozen = recorder.frozen_prefixes(server_round)
             if arrays is not None and frozen:
                 # Clients return frozen parts unchanged, but a server optimiser (FedAdam's
@@ -321,25 +349,44 @@ def build_strategy(cfg: FedgenConfig, recorder: RoundRecorder, first_round: int 
 
         def _screen(
             self, server_round: int, updates: list[Message], failures: list[str]
-        ) -> tuple[list[tuple[Message, dict[str, Any]]], list[dict[str, Any]]]:
+        ) -> tuple[list[tuple[Message, dict[str, Any]]], list[dict[str, Any]], list[torch.Tensor]]:
             """Keep the well-formed updates that pass `fedgen.updates.check_update`, with
-            their reports; the others are named in `failures`, and those whose privacy
-            record could be read are returned as privacy-only reports."""
+            their reports and (`federation.pooled_target`) their releases, taken out of
+            the reply for Flower's aggregation; the others are named in `failures`, and
+            those whose privacy record could be read are returned as privacy-only
+            reports."""
             sent = self._sent.to_torch_state_dict()
             bound = max_weight_change(cfg, cfg.stage(server_round))
-            kept, rejected = [], []
+            expected = EXPECTED_RECORDS
+            if fed.pooled_target:
+                expected = {**EXPECTED_RECORDS, "release": ArrayRecord}
+            kept, rejected, releases = [], [], []
             for reply in updates:
-                report = None
+                report, release = None, None
                 try:
                     report = client_report(reply)
                     received = reply.content["arrays"].to_torch_state_dict()
-                    reason = _malformed(reply, report) or check_update(sent, received, bound)
+                    reason = _malformed(reply, report, expected) or check_update(
+                        sent, received, bound
+                    )
+                    if reason is None and fed.pooled_target:
+                        release = reply.content["release"].to_torch_state_dict()["sum"]
+                        reason = check_release(
+                            release,
+                            release_shape(cfg, NUM_CLASSES),
+                            report["num_examples"],
+                            report.get("noise_multiplier", 0.0),
+                        )
+                        received = {**received, RELEASE_KEY: release}
                     # The audit log names what was received; the device's ledger names
                     # what it sent: the same digest when nothing changed on the way.
                     report["update_sha256"] = tensors_digest(received)
                 except Exception:  # whatever a client sends, the server carries on
                     reason = "malformed-reply"
                 if reason is None and report is not None:
+                    if release is not None:
+                        releases.append(release.double())
+                        del reply.content["release"]  # Flower aggregates one ArrayRecord
                     kept.append((reply, report))
                     continue
                 failures.append(
@@ -355,7 +402,7 @@ def build_strategy(cfg: FedgenConfig, recorder: RoundRecorder, first_round: int 
                     r.content["metrics"] = MetricRecord(
                         {k: v for k, v in r.content["metrics"].items() if k in common}
                     )
-            return kept, rejected
+            return kept, rejected, releases
 
     RecordingStrategy.__name__ = f"Recording{base.__name__}"
     return RecordingStrategy(**kwargs)

@@ -4,7 +4,8 @@ process, then the product's own quality metrics. An idea takes minutes, not a fe
 What runs is what `fedgen simulate` runs on each client (`fedgen.rounds.client_round`:
 `build_model`, `train_gan_locally`, DP-SGD with the noise `plan_privacy` calibrates), for
 each client in turn; the server's part is a plain FedAvg (weighted by client size) of their
-state_dicts, in-process. No Flower, no Ray, no run directory. Quality is measured with
+state_dicts and, with `federation.pooled_target`, the sum of their releases, in-process.
+No Flower, no Ray, no run directory. Quality is measured with
 `fedgen.evaluation.Evaluator` (the evaluator CNN `fedgen evaluate` uses): label
 consistency and Frechet distance, downstream accuracy with `--downstream`.
 
@@ -113,12 +114,14 @@ def run_probe(cfg: FedgenConfig, args: argparse.Namespace) -> dict[str, Any]:
     curve: list[dict] = []
     train_seconds = 0.0
     kept: list[dict[str, torch.Tensor]] = [{} for _ in shards]  # each client's optimizer
+    # `federation.pooled_target` (`mmd`): the server's sum of every release so far.
+    pooled: tuple[torch.Tensor, int] | None = None
     # A VQ-VAE's prior rounds follow its autoencoder rounds; --to-round stops early (e.g.
     # after the autoencoder) with the noise still planned for every round of the config.
     last = args.to_round or cfg.total_rounds
     for rnd in range(args.from_round, last + 1):
         started = time.perf_counter()
-        states, sizes = [], []
+        states, sizes, releases = [], [], []
         for i, shard in enumerate(shards):
             seed = client_seed(cfg.seed, i, rnd)
             result, plans[i] = client_round(
@@ -129,13 +132,20 @@ def run_probe(cfg: FedgenConfig, args: argparse.Namespace) -> dict[str, Any]:
                 seed,
                 server_round=rnd,
                 optimizer_state=kept[i],
+                pooled=pooled,
             )
             kept[i] = result.optimizer_state
+            if cfg.federation.pooled_target and result.release is not None:
+                releases.append(result.release)
             states.append(result.state_dict)
             # The product's own figure (its accountant and neighbouring relation).
             epsilons[i] = float(result.metrics.get("epsilon", 0.0))
             sizes.append(len(shard))
         global_state = fedavg(states, sizes)
+        if releases:
+            total = torch.stack(releases).sum(dim=0)
+            pooled = (total, len(releases)) if pooled is None else (
+                pooled[0] + total, pooled[1] + len(releases))  # fmt: skip
         ema = ema_update(ema, global_state, args.ema)
         train_seconds += time.perf_counter() - started
         print(f"  round {rnd}/{last} ({cfg.stage(rnd)}): {train_seconds:.1f} s of training "
