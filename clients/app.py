@@ -162,7 +162,7 @@ def _pooled_target(msg: Message) -> tuple[torch.Tensor, int] | None:
     count = int(record["count"].item())
     if count < 1 or not torch.isfinite(record["sum"]).all():
         raise ValueError(f"the pooled target counts {count} releases or is not finite")
-    return record["sum"].double(), count
+    return record["sum"], count
 
 
 @app.query()

@@ -47,6 +47,7 @@ __all__ = [
     "release",
     "class_targets",
     "mmd_estimate",
+    "pool_releases",
     "train_mmd_locally",
 ]
 
@@ -111,6 +112,19 @@ def class_targets(
     kept = torch.where(fitted, counts, torch.zeros_like(counts))
     weights = kept * len(counts) / kept.sum().clamp_min(1e-12)
     return means.float(), fitted, weights.float()
+
+
+def pool_releases(
+    pooled: tuple[torch.Tensor, int] | None, releases: list[torch.Tensor]
+) -> tuple[torch.Tensor, int] | None:
+    """The pool (`federation.pooled_target`) after a round: its sum of releases and their
+    count, with `releases` (the round's accepted ones) added."""
+    if not releases:
+        return pooled
+    total = torch.stack([r.double() for r in releases]).sum(dim=0)
+    if pooled is None:
+        return total, len(releases)
+    return pooled[0] + total, pooled[1] + len(releases)
 
 
 def mmd_estimate(phi: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,7 @@ from flwr.serverapp.strategy import (
 from fedgen.config import FedgenConfig
 from fedgen.console import plural
 from fedgen.data import NUM_CLASSES
+from fedgen.embedding import pool_releases
 from fedgen.files import tensors_digest
 from fedgen.killpoints import hold_point
 from fedgen.policy import FAILURE_CODES
@@ -320,11 +321,8 @@ def build_strategy(cfg: FedgenConfig, recorder: RoundRecorder, first_round: int 
                     server_round, None, reports, failures, declined, missing, nodes=self._nodes
                 )
                 raise
-            if releases:  # joins the target only with a round that completes
-                total = torch.stack(releases).sum(dim=0)
-                if self.pooled is not None:
-                    total = total + self.pooled[0]
-                self.pooled = (total, len(releases) + (self.pooled[1] if self.pooled else 0))
+            # A release joins the pool only with a round that completes.
+            self.pooled = pool_releases(self.pooled, releases)
             frozen = recorder.frozen_prefixes(server_round)
             if arrays is not None and frozen:
                 # Clients return frozen parts unchanged, but a server optimiser (FedAdam's
@@ -385,7 +383,7 @@ def build_strategy(cfg: FedgenConfig, recorder: RoundRecorder, first_round: int 
                     reason = "malformed-reply"
                 if reason is None and report is not None:
                     if release is not None:
-                        releases.append(release.double())
+                        releases.append(release)
                         del reply.content["release"]  # Flower aggregates one ArrayRecord
                     kept.append((reply, report))
                     continue

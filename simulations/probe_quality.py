@@ -35,6 +35,7 @@ import torch
 
 from fedgen.config import FedgenConfig, load_config
 from fedgen.data import NUM_CLASSES, federated_partitions, load_dataset
+from fedgen.embedding import pool_releases
 from fedgen.evaluation import Evaluator
 from fedgen.models import build_model
 from fedgen.privacy import ClientPrivacyState
@@ -142,10 +143,7 @@ def run_probe(cfg: FedgenConfig, args: argparse.Namespace) -> dict[str, Any]:
             epsilons[i] = float(result.metrics.get("epsilon", 0.0))
             sizes.append(len(shard))
         global_state = fedavg(states, sizes)
-        if releases:
-            total = torch.stack(releases).sum(dim=0)
-            pooled = (total, len(releases)) if pooled is None else (
-                pooled[0] + total, pooled[1] + len(releases))  # fmt: skip
+        pooled = pool_releases(pooled, releases)
         ema = ema_update(ema, global_state, args.ema)
         train_seconds += time.perf_counter() - started
         print(f"  round {rnd}/{last} ({cfg.stage(rnd)}): {train_seconds:.1f} s of training "
