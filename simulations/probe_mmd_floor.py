@@ -15,6 +15,7 @@ ones any better: a better fit of this embedding cannot improve the images, a dif
 embedding might. A fit well above it means the generator (or its steps) falls short.
 
     FEDGEN_DATA_DIR=../shared/data/mnist python simulations/probe_mmd_floor.py runs/RUN
+    python simulations/probe_mmd_floor.py probe.pt --config configs/mnist_mmd.yaml [--set ...]
 """
 
 from __future__ import annotations
@@ -57,12 +58,19 @@ def as_images(data, label: int, n: int, skip: int = 0) -> torch.Tensor:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("run")
-    parser.add_argument("--per-class", type=int, default=800)
+    parser.add_argument(
+        "run", help="a run directory, or a state_dict saved by probe_quality --save"
+    )
+    parser.add_argument("--config", help="with a saved state_dict: the probe's YAML config")
+    parser.add_argument("--set", action="append", default=[], help="with --config: overrides")
+    parser.add_argument("--per-class", type=int, default=1000)
     args = parser.parse_args()
-    run = RunDir(args.run)
-    cfg = load_config(Path(args.run) / "config.yaml")
-    _, state = run.checkpoint()
+    if Path(args.run).is_dir():
+        cfg = load_config(Path(args.run) / "config.yaml")
+        _, state = RunDir(args.run).checkpoint()
+    else:
+        cfg = load_config(args.config, args.set)
+        state = torch.load(args.run)
     model = build_model(cfg.model, NUM_CLASSES)
     model.load_state_dict(state)
     model.eval()
