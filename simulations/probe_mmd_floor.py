@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from fedgen.config import load_config
-from fedgen.data import NUM_CLASSES, load_dataset
+from fedgen.data import NUM_CLASSES, Dataset, load_dataset, to_tensors
 from fedgen.models import build_model
 from fedgen.reports import RunDir
 
@@ -48,12 +48,11 @@ def mmd2(a: torch.Tensor, b: torch.Tensor) -> float:
     return similarity(a) + similarity(b) - 2 * float((a.mean(0) * b.mean(0)).sum())
 
 
-def as_images(data, label: int, n: int, skip: int = 0) -> torch.Tensor:
+def as_images(data: Dataset, label: int, n: int, skip: int = 0) -> torch.Tensor:
     """`n` images of class `label`, after the first `skip` of a fixed shuffle."""
     idx = torch.nonzero(torch.from_numpy(data.labels.copy()) == label).flatten()
     idx = idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(label))]
-    idx = idx[skip : skip + n]
-    return torch.tensor(data.images[idx.numpy()]).float()[:, None] / 127.5 - 1
+    return to_tensors(data.subset(idx[skip : skip + n].numpy()))[0]
 
 
 def main() -> None:
