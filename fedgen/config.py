@@ -76,6 +76,15 @@ class EvaluationConfig(_Section):
     downstream_epochs: int = Field(
         5, ge=1, le=1000, description="Epochs of the downstream CNN (best one kept)."
     )
+    downstream_seeds: int = Field(
+        1,
+        ge=1,
+        le=20,
+        description="Downstream CNNs trained on the same generated images, each with its own "
+        "seed (initial weights, order, held-out split); the reported accuracy is their mean, "
+        "with their lowest and highest. One CNN's figure moves by about a point between "
+        "seeds on MNIST (docs/RESULTS.md), so comparisons finer than that need several.",
+    )
     holdout_fraction: float = Field(
         0.1,
         gt=0.0,

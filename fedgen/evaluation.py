@@ -135,8 +135,14 @@ class Evaluator:
             down_labels = quality.balanced_labels(n, seed + 1)
             down_images = quality.generate(model, down_labels, seed + 1)
             recipe = quality.ClassifierRecipe(epochs=ev.downstream_epochs, seed=seed)
-            metrics |= quality.downstream_accuracy(
-                down_images, down_labels, self.real_test, recipe, ev.holdout_fraction, self.log
+            metrics |= quality.downstream_accuracy_over_seeds(
+                down_images,
+                down_labels,
+                self.real_test,
+                recipe,
+                ev.downstream_seeds,
+                ev.holdout_fraction,
+                self.log,
             )
         return metrics
 
@@ -193,6 +199,9 @@ _EVALUATION_ROWS = (
     ("downstream_accuracy", "downstream accuracy on real test images", "{:.4f}"),
     ("downstream_train_examples", "  generated images it was trained on", "{}"),
     ("downstream_selected_epoch", "  epoch chosen on held-out generated images", "{}"),
+    ("downstream_seeds", "  classifiers averaged (one seed each)", "{}"),
+    ("downstream_accuracy_min", "  the lowest of them", "{:.4f}"),
+    ("downstream_accuracy_max", "  the highest of them", "{:.4f}"),
     ("recon_mse", "reconstruction MSE", "{:.5f}"),
     ("psnr", "reconstruction PSNR (dB)", "{:.2f}"),
     ("codebook_usage", "codebook usage", "{:.3f}"),

@@ -23,7 +23,7 @@ import copy
 import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +48,7 @@ __all__ = [
     "balanced_labels",
     "generate",
     "downstream_accuracy",
+    "downstream_accuracy_over_seeds",
     "features_and_label_consistency",
     "inception_features",
 ]
@@ -324,6 +325,38 @@ def downstream_accuracy(
         "downstream_holdout_examples": n_holdout,
         "downstream_selected_epoch": selected,
         "downstream_holdout_accuracy": history["epochs"][selected - 1]["holdout_accuracy"],
+    }
+
+
+def downstream_accuracy_over_seeds(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    test: tuple[torch.Tensor, torch.Tensor],
+    recipe: ClassifierRecipe,
+    seeds: int,
+    holdout_fraction: float = 0.1,
+    log: Log | None = None,
+) -> dict:
+    """`downstream_accuracy` for `seeds` fresh classifiers (seeds `recipe.seed`,
+    `recipe.seed + 1`, ...) on the same images. One seed returns its figures unchanged;
+    several return their mean accuracy, lowest and highest (each classifier picks its own
+    epoch on its own held-out split, as one does)."""
+    if seeds == 1:
+        return downstream_accuracy(images, labels, test, recipe, holdout_fraction, log)
+    runs = []
+    for i in range(seeds):
+        if log is not None:
+            log(f"downstream classifier {i + 1} of {seeds} (seed {recipe.seed + i})")
+        seeded = replace(recipe, seed=recipe.seed + i)
+        runs.append(downstream_accuracy(images, labels, test, seeded, holdout_fraction, log))
+    each = [r["downstream_accuracy"] for r in runs]
+    return {
+        "downstream_accuracy": sum(each) / seeds,
+        "downstream_accuracy_min": min(each),
+        "downstream_accuracy_max": max(each),
+        "downstream_seeds": seeds,
+        "downstream_train_examples": runs[0]["downstream_train_examples"],
+        "downstream_holdout_examples": runs[0]["downstream_holdout_examples"],
     }
 
 

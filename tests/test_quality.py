@@ -119,6 +119,31 @@ def test_downstream_accuracy_of_real_images_is_high_and_of_random_labels_is_chan
     assert 0.03 < chance["downstream_accuracy"] < 0.2
 
 
+def test_downstream_accuracy_over_seeds_is_the_mean_of_each_seeds_own_classifier(mnist):
+    (train_x, train_y), test = mnist
+    images, labels = train_x[:1500], train_y[:1500]
+    recipe = quality.ClassifierRecipe(epochs=1, seed=5)
+    one = quality.downstream_accuracy_over_seeds(images, labels, test, recipe, seeds=1)
+    assert one == quality.downstream_accuracy(images, labels, test, recipe)
+    each = [
+        quality.downstream_accuracy(images, labels, test, quality.ClassifierRecipe(1, seed=s))[
+            "downstream_accuracy"
+        ]
+        for s in (5, 6, 7)
+    ]
+    # Different seeds train different classifiers: the figures differ, so a loop that
+    # reused one seed would fail the next assertions.
+    assert len(set(each)) > 1
+    three = quality.downstream_accuracy_over_seeds(images, labels, test, recipe, seeds=3)
+    assert three["downstream_seeds"] == 3
+    assert three["downstream_accuracy"] == pytest.approx(sum(each) / 3)
+    assert (three["downstream_accuracy_min"], three["downstream_accuracy_max"]) == (
+        min(each),
+        max(each),
+    )
+    assert three["downstream_train_examples"] == 1350
+
+
 def test_balanced_labels_cover_every_class_equally():
     labels = quality.balanced_labels(1000, seed=3)
     assert torch.bincount(labels, minlength=10).tolist() == [100] * 10
@@ -160,3 +185,21 @@ def test_evaluator_adds_inception_fid_only_when_configured(tmp_path, capsys):
     assert without["inception_fid"] is None and "Inception FID skipped" in capsys.readouterr().out
     with_fid = Evaluator(small_config(*common, f"evaluation.inception_weights={path}"))
     assert with_fid.quality(model, downstream=False)["inception_fid"] > 0
+
+
+def test_the_evaluation_table_shows_the_spread_over_several_downstream_classifiers():
+    from fedgen.evaluation import format_evaluation_table
+
+    result = {
+        "model": "mmd", "dataset": "mnist", "round": 5, "clients": 10, "partition": "iid",
+        "rounds": 5, "privacy": {"private": False},
+        "metrics": {
+            "downstream_accuracy": 0.95, "downstream_accuracy_min": 0.9412,
+            "downstream_accuracy_max": 0.9587, "downstream_seeds": 3,
+        },
+    }  # fmt: skip
+    table = format_evaluation_table(result)
+    rows = {line.rsplit("  ", 1)[0].strip(): line.rsplit("  ", 1)[1] for line in table.split("\n")}
+    assert rows["downstream accuracy on real test images"] == "0.9500"
+    assert rows["classifiers averaged (one seed each)"] == "3"
+    assert (rows["the lowest of them"], rows["the highest of them"]) == ("0.9412", "0.9587")
