@@ -14,8 +14,9 @@ F is one of:
   public, none of them MNIST's), enlarged to MNIST's 20x20 box and jittered. Needs
   `pip install scikit-learn`.
 
-F is scaled once, from public images (the font's renders, or the UCI digits), so that its median distance between two images
-is `--distance`; `--weight` then scales it against the pixels and wavelets.
+F is scaled once, from public images (the font's renders, or the UCI digits), so that
+its median distance between two images is `--distance`; `--weight` then scales it
+against the pixels and wavelets.
 
 Measured (docs/RESULTS.md, seventh and eighth sessions): none gains downstream accuracy.
 One client, all of MNIST, no DP: 94.9% with `font` (the plain kernel's 94.9%), 92.8% with
