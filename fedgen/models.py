@@ -344,11 +344,16 @@ class MeanEmbedding(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.embed(self.scatter(images), images)
 
-    def embed(self, wavelets: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-        """phi of `images`, given their wavelet features (`self.scatter(images)`)."""
+    def phases(self, wavelets: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """Each image's projection on every frequency: the joint ones (wavelets and
+        pixels) first, then the wavelet-only ones."""
         w = wavelets.flatten(1)
         f = torch.cat([w, ((images + 1) / 2).flatten(1)], dim=1)
-        h = torch.cat([f @ self.joint, w @ self.alone], dim=1)
+        return torch.cat([f @ self.joint, w @ self.alone], dim=1)
+
+    def embed(self, wavelets: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """phi of `images`, given their wavelet features (`self.scatter(images)`)."""
+        h = self.phases(wavelets, images)
         # cos^2 + sin^2 = 1 per frequency, so every row has norm exactly 1.
         return torch.cat([torch.cos(h), torch.sin(h)], dim=1) / math.sqrt(self.frequencies)
 

@@ -32,7 +32,6 @@ digits network 79%.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -211,12 +210,11 @@ def main() -> None:
             self.register_buffer("extra", extra, persistent=False)
             object.__setattr__(self, "_net", net)  # not a submodule: not in the state_dict
 
-        def embed(self, wavelets: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-            w = wavelets.flatten(1)
-            f = torch.cat([w, ((images + 1) / 2).flatten(1)], dim=1)
-            g = self._net(images) * scale
-            h = torch.cat([f @ self.joint + g @ self.extra, w @ self.alone], dim=1)
-            return torch.cat([torch.cos(h), torch.sin(h)], dim=1) / math.sqrt(self.frequencies)
+        def phases(self, wavelets: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+            # F(x) joins the joint frequencies' input: add its projection to theirs.
+            h = super().phases(wavelets, images)
+            h[:, : self.joint.shape[1]] += (self._net(images) * scale) @ self.extra
+            return h
 
     models.MeanEmbedding = WithFeatures
     sys.argv = [sys.argv[0], *[a for a in rest if a != "--"]]
