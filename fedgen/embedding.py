@@ -47,6 +47,7 @@ __all__ = [
     "release",
     "class_targets",
     "mmd_estimate",
+    "pair_similarity",
     "pool_releases",
     "train_mmd_locally",
 ]
@@ -127,6 +128,15 @@ def pool_releases(
     return pooled[0] + total, pooled[1] + len(releases)
 
 
+def pair_similarity(phi: torch.Tensor) -> torch.Tensor:
+    """The mean of phi_i.phi_j over pairs i != j of the n embeddings in `phi` (..., n,
+    dim): the mean kernel between two different members of a set, higher for a set that
+    varies less."""
+    n = phi.shape[-2]
+    total = phi.sum(dim=-2)
+    return (total.pow(2).sum(dim=-1) - phi.pow(2).sum(dim=(-2, -1))) / (n * (n - 1))
+
+
 def mmd_estimate(phi: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per class, an unbiased estimate of |E phi(G) - target|^2 from n generated
     embeddings `phi` (classes, n, dim): the mean of phi_i.phi_j over pairs i != j, minus
@@ -136,9 +146,7 @@ def mmd_estimate(phi: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     (n - 1) / n, so with n = 10 it pushes the generated images apart 10% less than the
     target asks for: a pull toward too little variety (docs/RESULTS.md measured the
     difference). Unbiased, it can dip below 0 when the fit is close."""
-    n = phi.shape[1]
-    total = phi.sum(dim=1)
-    pairs = (total.pow(2).sum(dim=1) - phi.pow(2).sum(dim=(1, 2))) / (n * (n - 1))
+    pairs = pair_similarity(phi)
     return pairs - 2.0 * (phi.mean(dim=1) * targets).sum(dim=1) + targets.pow(2).sum(dim=1)
 
 

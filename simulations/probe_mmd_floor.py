@@ -27,6 +27,7 @@ import torch
 
 from fedgen.config import load_config
 from fedgen.data import NUM_CLASSES, Dataset, load_dataset, to_tensors
+from fedgen.embedding import pair_similarity
 from fedgen.models import build_model
 from fedgen.reports import RunDir
 
@@ -39,8 +40,7 @@ def mean_embedding(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor
 def similarity(x: torch.Tensor) -> float:
     """The mean kernel between two different images of a set: higher for a set that
     varies less."""
-    n = len(x)
-    return float((x.sum(0).pow(2).sum() - x.pow(2).sum()) / (n * (n - 1)))
+    return float(pair_similarity(x))
 
 
 def mmd2(a: torch.Tensor, b: torch.Tensor) -> float:
