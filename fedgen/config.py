@@ -8,6 +8,7 @@ default and one check. Errors name the key, the value and what is allowed.
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -150,6 +151,14 @@ class FederationConfig(_Section):
     min_train_clients: int = Field(
         2, ge=1, description="Fewest clients trained per round (and needed online)."
     )
+    sampling: Literal["random", "rotation"] = Field(
+        "random",
+        description="Which clients a round trains, when it trains fewer than all. random: "
+        "Flower's uniform sample, so a client may be picked in every round and its privacy "
+        "plan (its noise) covers every round. rotation: the clients take turns in a fixed "
+        "order, each trained in at most ceil(rounds x per round / num_clients) rounds, and "
+        "its plan covers only those: less noise for the same epsilon.",
+    )
     partition: Literal["iid", "dirichlet", "shards"] = Field(
         "iid", description="How simulated clients split the training data."
     )
@@ -233,6 +242,15 @@ class FederationConfig(_Section):
     def clients_per_round(self) -> int:
         """How many clients a round samples (Flower's rule for `fraction_train`)."""
         return max(int(self.num_clients * self.fraction_train), self.min_train_clients)
+
+    def rounds_per_client(self, rounds: int) -> int:
+        """The most of `rounds` consecutive rounds one client can be trained in: all of
+        them under random sampling; under rotation, ceil(rounds x per round / clients)
+        (any window of consecutive rounds hands out its turns evenly)."""
+        per_round = min(self.clients_per_round, self.num_clients)
+        if self.sampling == "random" or per_round >= self.num_clients:
+            return rounds
+        return min(rounds, math.ceil(rounds * per_round / self.num_clients))
 
 
 class ModelConfig(_Section):
@@ -673,11 +691,13 @@ class FedgenConfig(_Section):
 
     @property
     def planned_steps(self) -> int:
-        """DP steps a client takes if it joins every round: what the noise is planned for."""
+        """DP steps a client takes if it joins every round it can be trained in (every
+        round, unless `federation.sampling` is rotation): what the noise is planned for."""
         first = "mmd" if self.model.type == "mmd" else "vqvae"
-        return self.federation.rounds * self.local_steps_for(
+        fed = self.federation
+        return fed.rounds_per_client(fed.rounds) * self.local_steps_for(
             first
-        ) + self.prior_rounds * self.local_steps_for("prior")
+        ) + fed.rounds_per_client(self.prior_rounds) * self.local_steps_for("prior")
 
     @property
     def keeps_client_state(self) -> bool:

@@ -298,6 +298,7 @@ class PrivacyLedger:
             # DP steps (for `mmd`, releases) per round of the first stage.
             "local_steps_per_round": self.cfg.local_steps_for(self.cfg.stage(1)),
             "planned_steps": self.cfg.planned_steps,
+            "sampling": self.cfg.federation.sampling,
             "rounds": self.rounds,
             "clients": dict(sorted(self.clients.items(), key=lambda kv: client_sort_key(kv[0]))),
             "unidentified_nodes": self.unidentified,
@@ -456,8 +457,13 @@ def privacy_markdown(report: dict[str, Any]) -> str:
             + f"; delta `{report['delta']:g}`; target epsilon `{report['target_epsilon']}`.",
             f"- **Plan**: {plural(report['rounds_planned'], 'round')}, "
             f"{plural(report['local_steps_per_round'], 'DP step')} per round, "
-            f"{plural(report['planned_steps'], 'DP step')} per client if sampled "
-            "every round; each client calibrated its own noise for its own sample rate.",
+            f"{plural(report['planned_steps'], 'DP step')} per client if trained in "
+            + (
+                "every round it can be (clients take turns: `federation.sampling` rotation)"
+                if report.get("sampling") == "rotation"
+                else "every round"
+            )
+            + "; each client calibrated its own noise for its own sample rate.",
             "- **Treated as public** (not protected): " + "; ".join(report["public"]) + ".",
             "- **Not covered**: anything a client's owner releases outside fedgen; "
             "user-level privacy (several examples of one person count as several examples); "

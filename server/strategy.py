@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     FedAdam,
@@ -229,6 +229,15 @@ def restore_strategy_state(strategy: Strategy, tensors: dict[str, torch.Tensor])
         strategy.pooled = (tensors["pooled/sum"].double(), int(tensors["pooled/count"].item()))
 
 
+def rotation_turn(node_ids: Iterable[int], server_round: int, size: int) -> list[int]:
+    """The `size` nodes whose turn round `server_round` (from 1) is: the connected nodes
+    in a fixed order (by id), `size` at a time, wrapping around. Over any run of
+    consecutive rounds each node is trained within one round of as often as every other."""
+    ordered = sorted(node_ids)
+    start = (server_round - 1) * size
+    return [ordered[(start + i) % len(ordered)] for i in range(min(size, len(ordered)))]
+
+
 def build_strategy(cfg: FedgenConfig, recorder: RoundRecorder, first_round: int = 1) -> Strategy:
     """The configured strategy; `first_round` > 1 when a resumed run continues (Flower
     counts its rounds from 1, so rounds are shifted to the run's own numbering)."""
@@ -277,6 +286,7 @@ def build_strategy(cfg: FedgenConfig, recorder: RoundRecorder, first_round: int 
             hold_point(server_round)  # a test hook; does nothing unless its variable is set
             recorder.round_started()
             self._sent = arrays
+            self._round, self._grid = server_round, grid  # for the rotation's turn
             messages = list(super().configure_train(server_round, arrays, config, grid))
             if fed.pooled_target and self.pooled is not None:
                 total, count = self.pooled
@@ -286,6 +296,17 @@ def build_strategy(cfg: FedgenConfig, recorder: RoundRecorder, first_round: int 
             self._sampled = [m.metadata.dst_node_id for m in messages]
             self._nodes = len(list(grid.get_node_ids()))
             return messages
+
+        def _construct_messages(
+            self, record: RecordDict, node_ids: list[int], message_type: str
+        ) -> Iterable[Message]:
+            # Flower samples at random; under `federation.sampling: rotation` the round's
+            # turn replaces that sample (same size), so no client is trained more often
+            # than its privacy plan covers.
+            if fed.sampling == "rotation" and message_type == MessageType.TRAIN:
+                connected = list(self._grid.get_node_ids())
+                node_ids = rotation_turn(connected, self._round, len(node_ids))
+            return super()._construct_messages(record, node_ids, message_type)
 
         def aggregate_train(
             self, server_round: int, replies: Iterable[Message]
