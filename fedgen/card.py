@@ -188,10 +188,17 @@ def _privacy(run: Path, src: _Sources, ledgers: Path | None) -> dict[str, Any]:
         ("Sampling rate (Poisson)", _span([c.get("sample_rate") for c in all_clients], "{:.4g}")),
         (
             "Steps",
-            f"{_num(report.get('rounds_planned'))} rounds x "
-            f"{_num(report.get('local_steps_per_round'))} DP steps per round = "
-            f"{_num(report.get('planned_steps'))} steps per client if sampled every round; "
-            f"done: {_span([c.get('steps') for c in all_clients], '{:d}')}",
+            (
+                f"{_num(report.get('rounds_planned'))} rounds, clients taking turns "
+                f"(federation.sampling: rotation), {_num(report.get('local_steps_per_round'))} "
+                f"DP steps per round trained: {_num(report.get('planned_steps'))} steps per "
+                "client at most; "
+                if report.get("sampling") == "rotation"
+                else f"{_num(report.get('rounds_planned'))} rounds x "
+                f"{_num(report.get('local_steps_per_round'))} DP steps per round = "
+                f"{_num(report.get('planned_steps'))} steps per client if sampled every round; "
+            )
+            + f"done: {_span([c.get('steps') for c in all_clients], '{:d}')}",
         ),
         ("Guarantee", report.get("guarantee")),
         ("Treated as public", "; ".join(report.get("public", []))),

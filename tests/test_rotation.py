@@ -11,6 +11,7 @@ from collections import Counter
 
 import pytest
 
+from fedgen.card import build_card
 from fedgen.config import load_config
 from fedgen.privacy import epsilon_of
 from fedgen.rounds import plan_privacy
@@ -92,6 +93,12 @@ def test_a_rotating_federation_trains_each_client_in_its_turns_and_reports_it(tm
     rounds = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1, 2, 3, 4]
     assert "this client has done" not in (out / "simulation.log").read_text()
+    # The readable reports say the plan is the turns', not every round's.
+    assert "every round it can be (clients take turns" in (out / "privacy_report.md").read_text()
+    steps = dict(build_card(out)["privacy"]["facts"])["Steps"]
+    assert (
+        steps.startswith("4 rounds, clients taking turns") and "2 steps per client at most" in steps
+    )
     verify = subprocess.run([sys.executable, "-m", "fedgen.cli", "verify", str(out)],
                             capture_output=True, text=True, timeout=300, cwd=REPO)  # fmt: skip
     assert verify.returncode == 0 and "verdict: PASS" in verify.stdout, verify.stdout[-2000:]
