@@ -65,8 +65,8 @@ def _simulate(args: argparse.Namespace) -> int:
         + f"; {plural(cfg.total_rounds, 'round')}"
         + (f" ({fed.prior_rounds} of them the prior's)" if fed.prior_rounds else "")
         + (
-            f", {plural(cfg.planned_steps, 'release')} planned per client (1 per round "
-            f"{'it is trained in' if cfg.planned_steps < cfg.total_rounds else ''}, then "
+            f", {plural(cfg.planned_steps, 'release')} planned per client (1 per round"
+            f"{' it is trained in' if cfg.planned_steps < cfg.total_rounds else ''}, then "
             f"{cfg.training.local_steps} generator steps that read no data"
             if cfg.model.type == "mmd"
             else f", {plural(cfg.planned_steps, 'DP step')} planned per client "

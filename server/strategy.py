@@ -232,7 +232,7 @@ def restore_strategy_state(strategy: Strategy, tensors: dict[str, torch.Tensor])
 def rotation_turn(node_ids: Iterable[int], server_round: int, size: int) -> list[int]:
     """The `size` nodes whose turn round `server_round` (from 1) is: the connected nodes
     in a fixed order (by id), `size` at a time, wrapping around. Over any run of
-    consecutive rounds each node is trained within one round of as often as every other."""
+    consecutive rounds, no node has more than one turn more than another."""
     ordered = sorted(node_ids)
     start = (server_round - 1) * size
     return [ordered[(start + i) % len(ordered)] for i in range(min(size, len(ordered)))]
