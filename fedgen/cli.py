@@ -53,7 +53,7 @@ def _simulate(args: argparse.Namespace) -> int:
     )
     fed = cfg.federation
     print(f"[fedgen] config: {source}")
-    sampled = max(int(fed.num_clients * fed.fraction_train), fed.min_train_clients)
+    sampled = fed.clients_per_round
     print(
         f"[fedgen] {cfg.data.dataset}: {plural(len(sizes), 'client')} ({fed.partition}), "
         f"{min(sizes)}-{max(sizes)} examples each"

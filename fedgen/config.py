@@ -250,7 +250,7 @@ class FederationConfig(_Section):
         per_round = min(self.clients_per_round, self.num_clients)
         if self.sampling == "random" or per_round >= self.num_clients:
             return rounds
-        return min(rounds, math.ceil(rounds * per_round / self.num_clients))
+        return math.ceil(rounds * per_round / self.num_clients)
 
 
 class ModelConfig(_Section):

@@ -304,8 +304,7 @@ def build_strategy(cfg: FedgenConfig, recorder: RoundRecorder, first_round: int 
             # turn replaces that sample (same size), so no client is trained more often
             # than its privacy plan covers.
             if fed.sampling == "rotation" and message_type == MessageType.TRAIN:
-                connected = list(self._grid.get_node_ids())
-                node_ids = rotation_turn(connected, self._round, len(node_ids))
+                node_ids = rotation_turn(self._grid.get_node_ids(), self._round, len(node_ids))
             return super()._construct_messages(record, node_ids, message_type)
 
         def aggregate_train(
