@@ -227,7 +227,7 @@ class RunConsole:
         if self._progress is None:
             self.say(
                 f"[fedgen] round {server_round}/{self.total_rounds}: "
-                f"{plural(sampled, 'client')} sampled, training"
+                f"training {plural(sampled, 'client')}"
             )
             return
         if self._task is not None:

@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable
+from logging import INFO
 from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     FedAdam,
@@ -305,6 +307,13 @@ def build_strategy(cfg: FedgenConfig, recorder: RoundRecorder, first_round: int 
             # than its privacy plan covers.
             if fed.sampling == "rotation" and message_type == MessageType.TRAIN:
                 node_ids = rotation_turn(self._grid.get_node_ids(), self._round, len(node_ids))
+                # Flower's log has just reported its own sample: say what replaced it.
+                log(
+                    INFO,
+                    "rotation: round %s trains its turn instead, nodes %s",
+                    self._round,
+                    node_ids,
+                )
             return super()._construct_messages(record, node_ids, message_type)
 
         def aggregate_train(

@@ -200,7 +200,7 @@ def test_console_shows_fedgens_lines_and_logs_the_rest(tmp_path, verbose):
     proc = _run("-c", CONSOLE_SCRIPT, str(log), "1" if verbose else "0")
     assert proc.returncode == 0, proc.stderr
     shown = proc.stdout + proc.stderr
-    for line in ("[fedgen] mine", "[fedgen] round 1/2: 3 clients sampled", "summary", "after"):
+    for line in ("[fedgen] mine", "[fedgen] round 1/2: training 3 clients", "summary", "after"):
         assert line in proc.stdout, line
     assert "\r" not in shown and "\x1b[" not in shown  # not a terminal: plain lines
     logged = log.read_text()
